@@ -1,0 +1,283 @@
+//! Boot: owns the node's start-up sequence — what the old user-data script did, in order:
+//!
+//! 1. read the instance facts from IMDSv2 (done by the caller: the facts feed the config);
+//! 2. join the ECS cluster: write `ECS_CLUSTER` (and our other keys) into ecs.config;
+//! 3. find the Consul servers by EC2 tag, while
+//! 4. waiting for the ECS container agent to register this container instance;
+//! 5. render the foundational tasks' config files;
+//! 6. start the tasks through ECS `StartTask`, adopting any already running.
+//!
+//! Step 2 alone is [`prepare`], which runs before ecs.service (it needs no network); [`run`]
+//! repeats it idempotently and goes on, after ecs.service.
+
+use crate::agent::{AgentMetadata, EcsAgent};
+use crate::config::Settings;
+use crate::ec2::Ec2;
+use crate::ecs::Ecs;
+use crate::ecs_config;
+use crate::facts::InstanceFacts;
+use crate::hostfs::{HostFs, Written};
+use crate::render::{ConsulContext, Context, EcsContext, RenderedFile, Renderer};
+use crate::retry::{jitter, Backoff};
+use crate::runtime::ecs::{started_by, EcsRuntime, TaskOutcome};
+use anyhow::{anyhow, bail, Context as _};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, info_span, Instrument};
+
+/// The ECS agent is polled this often (jittered down to half) while it starts.
+const AGENT_POLL: Duration = Duration::from_millis(100);
+/// While waiting on something outside, say so this often.
+const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The external systems the boot talks to, each behind its boundary trait.
+pub struct Node<'a> {
+    pub fs: &'a dyn HostFs,
+    pub ec2: &'a dyn Ec2,
+    pub ecs: &'a dyn Ecs,
+    pub agent: &'a dyn EcsAgent,
+}
+
+/// When a phase ran, relative to the start of the boot.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseTime {
+    pub phase: &'static str,
+    pub started_ms: f64,
+    pub took_ms: f64,
+}
+
+/// What the boot found and did.
+#[derive(Debug, Clone, Serialize)]
+pub struct BootReport {
+    pub consul_servers: Vec<String>,
+    pub container_instance_arn: String,
+    pub files: Vec<RenderedFile>,
+    pub tasks: Vec<TaskOutcome>,
+    pub phases: Vec<PhaseTime>,
+}
+
+/// Step 2 on its own: join the ECS cluster by writing ecs.config.
+pub fn prepare(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Written> {
+    let path = &settings.ecs.config_path;
+    let existing = fs.read(path)?.unwrap_or_default();
+    let existing = String::from_utf8(existing)
+        .map_err(|_| anyhow!("{path} is not UTF-8 text; fix or remove it"))?;
+    let merged = ecs_config::merge(&existing, &settings.ecs_config_lines());
+    let written = fs.write_atomic(path, merged.as_bytes(), 0o644)?;
+    match written {
+        Written::Updated => {
+            info!(path = %path, cluster = %settings.cluster, "joined the ECS cluster: wrote ecs.config")
+        }
+        Written::Unchanged => debug!(path = %path, "ecs.config already up to date"),
+    }
+    Ok(written)
+}
+
+/// Steps 2 to 6.
+pub async fn run(
+    settings: &Settings,
+    facts: &InstanceFacts,
+    node: &Node<'_>,
+) -> anyhow::Result<BootReport> {
+    let boot = Instant::now();
+    let mut phases = Vec::new();
+    let timed = |phase: &'static str, started: Instant| PhaseTime {
+        phase,
+        started_ms: ms(started - boot),
+        took_ms: ms(started.elapsed()),
+    };
+
+    // 2. Join the ECS cluster.
+    let t = Instant::now();
+    info_span!("phase", phase = "join").in_scope(|| prepare(settings, node.fs))?;
+    phases.push(timed("join", t));
+
+    // 3 and 4: both wait on something outside, so they wait together.
+    let t = Instant::now();
+    let discover = async {
+        let servers = discover_servers(settings, node.ec2).await;
+        (servers, timed("discover", t))
+    }
+    .instrument(info_span!("phase", phase = "discover"));
+    let wait = async {
+        let agent = wait_for_agent(settings, node.agent).await;
+        (agent, timed("agent", t))
+    }
+    .instrument(info_span!("phase", phase = "agent"));
+    let ((servers, discover_time), (agent, agent_time)) = tokio::join!(discover, wait);
+    let servers = servers?;
+    let agent = agent?;
+    phases.extend([discover_time, agent_time]);
+    let container_instance = agent.container_instance_arn.unwrap_or_default();
+
+    // 5. Render the config files.
+    let t = Instant::now();
+    let files = info_span!("phase", phase = "render")
+        .in_scope(|| render_files(settings, facts, &servers, &container_instance, node.fs))?;
+    phases.push(timed("render", t));
+
+    // 6. Start (or adopt) the tasks.
+    let t = Instant::now();
+    let runtime = EcsRuntime {
+        ecs: node.ecs,
+        cluster: &settings.cluster,
+        container_instance: &container_instance,
+        started_by: started_by(&facts.instance_id),
+        start_timeout: settings.ecs.start_timeout,
+    };
+    let tasks = runtime
+        .ensure(&settings.start_levels())
+        .instrument(info_span!("phase", phase = "start"))
+        .await?;
+    phases.push(timed("start", t));
+
+    Ok(BootReport {
+        consul_servers: servers,
+        container_instance_arn: container_instance,
+        files,
+        tasks,
+        phases,
+    })
+}
+
+/// Private IPv4 addresses of the running instances carrying the server tag: sorted, unique.
+/// Servers often boot after the nodes, so "none yet" is retried with backoff until
+/// `consul.discovery_timeout`.
+async fn discover_servers(settings: &Settings, ec2: &dyn Ec2) -> anyhow::Result<Vec<String>> {
+    let tag = &settings.consul.server_tag;
+    let filter = format!(
+        "tag:{}={} and instance-state-name=running",
+        tag.key, tag.value
+    );
+    let start = Instant::now();
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let ips = ec2.running_private_ips(&tag.key, &tag.value).await?;
+        let servers: BTreeSet<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        if !servers.is_empty() {
+            let servers: Vec<String> = servers.iter().map(Ipv4Addr::to_string).collect();
+            info!(servers = ?servers, "found the Consul servers");
+            return Ok(servers);
+        }
+        if start.elapsed() >= settings.consul.discovery_timeout {
+            bail!(
+                "no Consul server found within {:?}: no running EC2 instance matches {filter}; start the servers or fix consul.server_tag",
+                settings.consul.discovery_timeout
+            );
+        }
+        if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+            info!(
+                waited_s = start.elapsed().as_secs(),
+                "waiting for a Consul server: no running instance matches {filter}"
+            );
+            last_log = Some(Instant::now());
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Polls the ECS agent's introspection API until it reports this node's container instance,
+/// then checks it joined the configured cluster.
+async fn wait_for_agent(
+    settings: &Settings,
+    agent: &dyn EcsAgent,
+) -> anyhow::Result<AgentMetadata> {
+    let start = Instant::now();
+    let timeout = settings.ecs.agent_timeout;
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let why = match agent.metadata().await {
+            Ok(m)
+                if m.container_instance_arn
+                    .as_deref()
+                    .is_some_and(|a| !a.is_empty()) =>
+            {
+                let reported = m.cluster.rsplit('/').next().unwrap_or_default();
+                if reported != settings.cluster {
+                    bail!(
+                        "the ECS agent at {} registered into cluster {:?}, not {:?}: it read an older ecs.config; restart ecs.service (and clear /var/lib/ecs/data if the instance was registered before)",
+                        agent.url(),
+                        m.cluster,
+                        settings.cluster
+                    );
+                }
+                info!(
+                    container_instance = m.container_instance_arn.as_deref().unwrap_or_default(),
+                    waited_ms = start.elapsed().as_millis() as u64,
+                    "ECS agent is up"
+                );
+                return Ok(m);
+            }
+            Ok(_) => "it has not registered a container instance yet".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if start.elapsed() >= timeout {
+            bail!(
+                "the ECS agent at {} did not report a container instance within {timeout:?} (last: {why}); check `systemctl status ecs` and `journalctl -u ecs`, or raise ecs.agent_timeout",
+                agent.url()
+            );
+        }
+        if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+            info!(
+                waited_s = start.elapsed().as_secs(),
+                "waiting for the ECS agent at {}: {why}",
+                agent.url()
+            );
+            last_log = Some(Instant::now());
+        }
+        tokio::time::sleep(jitter(AGENT_POLL)).await;
+    }
+}
+
+/// Renders every file and writes it atomically; creates the tasks' directories.
+fn render_files(
+    settings: &Settings,
+    facts: &InstanceFacts,
+    servers: &[String],
+    container_instance: &str,
+    fs: &dyn HostFs,
+) -> anyhow::Result<Vec<RenderedFile>> {
+    let read_template = |path: &str| -> anyhow::Result<String> {
+        let bytes = fs
+            .read(path)?
+            .ok_or_else(|| anyhow!("{path} does not exist"))?;
+        String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8 text"))
+    };
+    let renderer = Renderer::new(settings, &read_template)?;
+    let ctx = Context {
+        instance: facts,
+        cluster: &settings.cluster,
+        consul: ConsulContext {
+            servers,
+            datacenter: &settings.consul.datacenter,
+            server_tag: &settings.consul.server_tag,
+        },
+        ecs: EcsContext {
+            container_instance_arn: Some(container_instance),
+        },
+        vars: &settings.vars,
+    };
+    let files = renderer.render(&ctx)?;
+    for task in settings.enabled_tasks() {
+        for dir in &settings.tasks[task.name].dirs {
+            fs.create_dir_all(dir, 0o755)
+                .with_context(|| format!("tasks.{}.dirs", task.name))?;
+        }
+    }
+    for file in &files {
+        match fs.write_atomic(&file.path, file.contents.as_bytes(), file.mode)? {
+            Written::Updated => {
+                info!(path = %file.path, task = %file.task, sha256 = %file.sha256, "rendered")
+            }
+            Written::Unchanged => debug!(path = %file.path, "already up to date"),
+        }
+    }
+    Ok(files)
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}

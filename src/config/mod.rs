@@ -1,0 +1,390 @@
+//! Configuration: owns the typed settings nodeagent runs with and the rules that make them valid.
+//!
+//! The pipeline (as in zincati): fragments (built-in defaults, then each config file) are parsed
+//! and checked one by one ([`load`]), merged key by key (later wins), deserialized into
+//! [`Settings`] and validated ([`Settings::validate`]). Nothing here touches the network or the
+//! host: callers hand in the text of each fragment.
+
+mod load;
+
+pub use load::{from_fragments, ConfigError, Fragment, DEFAULTS};
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+/// Where the main configuration file lives on a node.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/nodeagent/nodeagent.toml";
+
+/// Prefix of a template reference that names one of the templates compiled into the binary.
+pub const BUILTIN_PREFIX: &str = "builtin:";
+
+/// The validated settings. Every struct carries `#[serde(default)]` so that a single fragment
+/// (which may set only a few keys) can be type-checked on its own; the real defaults come from
+/// `defaults.toml`, merged underneath every fragment.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// ECS cluster this node joins.
+    pub cluster: String,
+    pub consul: Consul,
+    pub ecs: Ecs,
+    /// Free-form values made available to templates as `vars.*`.
+    pub vars: BTreeMap<String, toml::Value>,
+    /// The node's foundational tasks, keyed by name so layers merge per task.
+    pub tasks: BTreeMap<String, Task>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Consul {
+    /// EC2 tag that marks the Consul servers (`DescribeInstances` filter).
+    pub server_tag: Tag,
+    pub datacenter: String,
+    /// How long to keep looking for a tagged, running server before giving up.
+    #[serde(with = "humantime_serde")]
+    pub discovery_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tag {
+    pub key: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Ecs {
+    /// The ECS container agent's introspection API.
+    pub introspection_url: String,
+    /// The ECS agent's environment file.
+    pub config_path: String,
+    /// Extra `KEY=VALUE` lines nodeagent manages in ecs.config (besides `ECS_CLUSTER`).
+    pub config: BTreeMap<String, String>,
+    /// How long to wait for the ECS agent to report its container instance.
+    #[serde(with = "humantime_serde")]
+    pub agent_timeout: Duration,
+    /// How long to keep retrying a task that ECS cannot place (`failures[]` in StartTask).
+    #[serde(with = "humantime_serde")]
+    pub start_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Task {
+    /// ECS task-definition family; defaults to the task's name.
+    pub family: Option<String>,
+    /// Tasks that must be started before this one.
+    pub depends_on: Vec<String>,
+    /// `false` drops a task (for instance one of the defaults).
+    pub enabled: bool,
+    /// Directories created before the task starts (mode 0755).
+    pub dirs: Vec<String>,
+    /// Files rendered for the task, keyed by their absolute host path.
+    pub files: BTreeMap<String, File>,
+}
+
+impl Default for Task {
+    fn default() -> Self {
+        Task {
+            family: None,
+            depends_on: Vec::new(),
+            enabled: true,
+            dirs: Vec::new(),
+            files: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct File {
+    /// `builtin:NAME` or the absolute path of a minijinja template.
+    pub template: String,
+    /// Octal permission bits, e.g. "0644".
+    pub mode: String,
+    /// How values are escaped; defaults from the file's extension (.json, .yaml/.yml, .sh).
+    pub format: Option<Format>,
+}
+
+/// The syntax of a rendered file, which decides how every interpolated value is escaped.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Values become JSON literals (strings quoted and escaped).
+    Json,
+    /// Values become YAML double-quoted scalars / flow collections.
+    Yaml,
+    /// Values become single-quoted shell words.
+    Shell,
+    /// Values are inserted verbatim: only for formats with no quoting rules.
+    Text,
+}
+
+impl Format {
+    /// The format a file's extension implies, if any.
+    pub fn from_path(path: &str) -> Option<Format> {
+        let ext = path.rsplit_once('.').map(|(_, e)| e)?;
+        match ext {
+            "json" => Some(Format::Json),
+            "yaml" | "yml" => Some(Format::Yaml),
+            "sh" => Some(Format::Shell),
+            _ => None,
+        }
+    }
+}
+
+impl File {
+    /// The file's format: the explicit `format`, else the extension's, else plain text.
+    pub fn format(&self, path: &str) -> Format {
+        self.format
+            .or_else(|| Format::from_path(path))
+            .unwrap_or(Format::Text)
+    }
+
+    /// The permission bits (validated by [`Settings::validate`]).
+    pub fn mode_bits(&self) -> u32 {
+        parse_mode(&self.mode).unwrap_or(0o644)
+    }
+}
+
+/// One enabled task, as the runtime sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRef<'a> {
+    pub name: &'a str,
+    pub family: &'a str,
+    pub depends_on: &'a [String],
+}
+
+impl Settings {
+    /// Enabled tasks, in dependency order, grouped into levels: every task of a level depends
+    /// only on tasks of earlier levels, so a level's tasks may start together.
+    pub fn start_levels(&self) -> Vec<Vec<TaskRef<'_>>> {
+        let mut placed: BTreeSet<&str> = BTreeSet::new();
+        let mut levels = Vec::new();
+        let enabled: Vec<TaskRef<'_>> = self.enabled_tasks().collect();
+        while placed.len() < enabled.len() {
+            let level: Vec<TaskRef<'_>> = enabled
+                .iter()
+                .filter(|t| !placed.contains(t.name))
+                .filter(|t| t.depends_on.iter().all(|d| placed.contains(d.as_str())))
+                .cloned()
+                .collect();
+            if level.is_empty() {
+                break; // a cycle; validate() reports it
+            }
+            placed.extend(level.iter().map(|t| t.name));
+            levels.push(level);
+        }
+        levels
+    }
+
+    pub fn enabled_tasks(&self) -> impl Iterator<Item = TaskRef<'_>> {
+        self.tasks
+            .iter()
+            .filter(|(_, t)| t.enabled)
+            .map(|(name, t)| TaskRef {
+                name,
+                family: t.family.as_deref().unwrap_or(name),
+                depends_on: &t.depends_on,
+            })
+    }
+
+    /// The managed ecs.config lines: `ECS_CLUSTER` first, then `[ecs.config]` in key order.
+    pub fn ecs_config_lines(&self) -> Vec<(String, String)> {
+        let mut lines = vec![("ECS_CLUSTER".to_string(), self.cluster.clone())];
+        lines.extend(
+            self.ecs
+                .config
+                .iter()
+                .filter(|(k, _)| k.as_str() != "ECS_CLUSTER")
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        lines
+    }
+
+    /// Checks what types alone cannot; every problem found is reported, one per line.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        if !valid_cluster_name(&self.cluster) {
+            problems.push(format!(
+                "cluster = {:?}: an ECS cluster name is 1-255 letters, digits, '-' or '_'",
+                self.cluster
+            ));
+        }
+        if self.consul.server_tag.key.is_empty() {
+            problems.push(
+                "consul.server_tag.key is empty: name the EC2 tag that marks the Consul servers"
+                    .into(),
+            );
+        }
+        if self.consul.datacenter.is_empty() {
+            problems.push("consul.datacenter is empty".into());
+        }
+        match reqwest::Url::parse(&self.ecs.introspection_url) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => problems.push(format!(
+                "ecs.introspection_url = {:?} is not an http(s) URL",
+                self.ecs.introspection_url
+            )),
+        }
+        if !self.ecs.config_path.starts_with('/') {
+            problems.push(format!(
+                "ecs.config_path = {:?} must be an absolute path",
+                self.ecs.config_path
+            ));
+        }
+        for (key, value) in self.ecs_config_lines() {
+            if let Err(why) = check_env_line(&key, &value) {
+                problems.push(format!("ecs.config.{key}: {why}"));
+            }
+        }
+        let names: BTreeSet<&str> = self.enabled_tasks().map(|t| t.name).collect();
+        for (name, task) in self.tasks.iter().filter(|(_, t)| t.enabled) {
+            if task.family.as_deref() == Some("") {
+                problems.push(format!("tasks.{name}.family is empty"));
+            }
+            for dep in &task.depends_on {
+                if !names.contains(dep.as_str()) {
+                    problems.push(format!(
+                        "tasks.{name}.depends_on names {dep:?}, which is not an enabled task"
+                    ));
+                }
+            }
+            for dir in &task.dirs {
+                if !dir.starts_with('/') {
+                    problems.push(format!(
+                        "tasks.{name}.dirs: {dir:?} must be an absolute path"
+                    ));
+                }
+            }
+            for (path, file) in &task.files {
+                let at = format!("tasks.{name}.files.{path:?}");
+                if !path.starts_with('/') || path.ends_with('/') {
+                    problems.push(format!("{at}: the key must be an absolute file path"));
+                }
+                if parse_mode(&file.mode).is_none() {
+                    problems.push(format!(
+                        "{at}.mode = {:?}: expected octal permission bits such as \"0644\"",
+                        file.mode
+                    ));
+                }
+                let t = &file.template;
+                if !(t.starts_with(BUILTIN_PREFIX) || t.starts_with('/')) {
+                    problems.push(format!(
+                        "{at}.template = {t:?}: expected \"builtin:NAME\" or an absolute path"
+                    ));
+                }
+            }
+        }
+        let placed: usize = self.start_levels().iter().map(Vec::len).sum();
+        if placed < names.len() {
+            let levels = self.start_levels();
+            let stuck: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|n| !levels.iter().flatten().any(|t| t.name == *n))
+                .collect();
+            problems.push(format!(
+                "tasks depend on each other in a cycle: {}",
+                stuck.join(", ")
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+fn valid_cluster_name(name: &str) -> bool {
+    (1..=255).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// ecs.config is a systemd `EnvironmentFile`: one `KEY=VALUE` per line. A value with a line
+/// break would smuggle in other keys, and a trailing backslash would swallow the next line.
+fn check_env_line(key: &str, value: &str) -> Result<(), String> {
+    let key_ok = key.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+        && key
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_');
+    if !key_ok {
+        return Err("keys are upper-case letters, digits and '_'".into());
+    }
+    if value.chars().any(|c| c.is_control()) {
+        return Err(format!(
+            "{value:?} contains a control character (line break, tab, …)"
+        ));
+    }
+    if value.ends_with('\\') || value.trim() != value {
+        return Err(format!(
+            "{value:?} must not end in a backslash or start/end with white space"
+        ));
+    }
+    Ok(())
+}
+
+fn parse_mode(mode: &str) -> Option<u32> {
+    let digits = mode.strip_prefix("0o").unwrap_or(mode);
+    if digits.is_empty() || digits.len() > 4 {
+        return None;
+    }
+    u32::from_str_radix(digits, 8).ok().filter(|m| *m <= 0o7777)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Settings {
+        from_fragments(&[]).expect("defaults are valid")
+    }
+
+    #[test]
+    fn defaults_reproduce_the_guide() {
+        let s = defaults();
+        assert_eq!(s.cluster, "l5d-demo");
+        assert_eq!(s.consul.server_tag.value, "l5d-demo-consul-server");
+        let levels: Vec<Vec<&str>> = s
+            .start_levels()
+            .iter()
+            .map(|l| l.iter().map(|t| t.name).collect())
+            .collect();
+        assert_eq!(
+            levels,
+            vec![vec!["consul-agent"], vec!["consul-registrator", "linkerd"]]
+        );
+        assert_eq!(
+            s.ecs_config_lines(),
+            vec![("ECS_CLUSTER".into(), "l5d-demo".into())]
+        );
+    }
+
+    #[test]
+    fn cycle_and_bad_values_are_reported() {
+        let mut s = defaults();
+        s.tasks.get_mut("consul-agent").unwrap().depends_on = vec!["linkerd".into()];
+        s.ecs
+            .config
+            .insert("ECS_X".into(), "a\nECS_CLUSTER=evil".into());
+        s.cluster = "bad name".into();
+        let problems = s.validate().unwrap_err();
+        assert!(problems.iter().any(|p| p.contains("cycle")), "{problems:?}");
+        assert!(problems.iter().any(|p| p.contains("ecs.config.ECS_X")));
+        assert!(problems.iter().any(|p| p.contains("cluster")));
+    }
+
+    #[test]
+    fn modes_parse_as_octal() {
+        assert_eq!(parse_mode("0755"), Some(0o755));
+        assert_eq!(parse_mode("644"), Some(0o644));
+        assert_eq!(parse_mode("0o600"), Some(0o600));
+        assert_eq!(parse_mode("0999"), None);
+        assert_eq!(parse_mode(""), None);
+    }
+}

@@ -1,0 +1,68 @@
+//! EC2 boundary: owns the one EC2 question nodeagent asks — which running instances carry a tag.
+
+use crate::aws::{describe, AwsCalls};
+use anyhow::Context;
+use async_trait::async_trait;
+use aws_sdk_ec2::types::Filter;
+use std::sync::Arc;
+
+const DESCRIBE_INSTANCES: &str = "ec2:DescribeInstances";
+
+#[async_trait]
+pub trait Ec2: Send + Sync {
+    /// Private IPv4 addresses of the running instances tagged `key=value`, all pages.
+    async fn running_private_ips(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>>;
+}
+
+pub struct SdkEc2 {
+    client: aws_sdk_ec2::Client,
+    calls: Arc<AwsCalls>,
+}
+
+impl SdkEc2 {
+    pub fn new(config: &aws_config::SdkConfig, calls: Arc<AwsCalls>) -> Self {
+        SdkEc2 {
+            client: aws_sdk_ec2::Client::new(config),
+            calls,
+        }
+    }
+}
+
+#[async_trait]
+impl Ec2 for SdkEc2 {
+    async fn running_private_ips(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
+        let mut pages = self
+            .client
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name(format!("tag:{key}"))
+                    .values(value)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("running")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut ips = Vec::new();
+        while let Some(page) = pages.next().await {
+            self.calls.record(DESCRIBE_INSTANCES, page.is_ok());
+            let page = page
+                .map_err(|e| anyhow::anyhow!(describe(&e)))
+                .with_context(|| {
+                    format!("{DESCRIBE_INSTANCES} (tag:{key}={value}, running) failed; the instance role needs ec2:DescribeInstances")
+                })?;
+            ips.extend(
+                page.reservations()
+                    .iter()
+                    .flat_map(|r| r.instances())
+                    .filter_map(|i| i.private_ip_address().map(str::to_string)),
+            );
+        }
+        Ok(ips)
+    }
+}

@@ -1,0 +1,195 @@
+//! ECS boundary: owns the ECS control-plane calls nodeagent makes about its own container
+//! instance — list, describe and start tasks.
+
+use crate::aws::{describe, AwsCalls};
+use anyhow::{anyhow, Context};
+use async_trait::async_trait;
+use aws_sdk_ecs::types::DesiredStatus;
+use std::sync::Arc;
+
+const LIST_TASKS: &str = "ecs:ListTasks";
+const DESCRIBE_TASKS: &str = "ecs:DescribeTasks";
+const START_TASK: &str = "ecs:StartTask";
+
+/// A task as ECS reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcsTask {
+    pub arn: String,
+    /// Task-definition family, from the task-definition ARN.
+    pub family: String,
+    pub started_by: Option<String>,
+    pub last_status: String,
+    pub desired_status: String,
+    pub container_instance_arn: Option<String>,
+}
+
+/// Why ECS could not place a task (`failures[]`), e.g. reason "RESOURCE:MEMORY".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacementFailure {
+    pub reason: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartOutcome {
+    Started(EcsTask),
+    NotPlaced(Vec<PlacementFailure>),
+}
+
+/// The task-definition family is not registered: retrying cannot help.
+#[derive(Debug, thiserror::Error)]
+#[error("task definition family {family:?} is not registered in this account and region ({message}); register it (aws ecs register-task-definition) or fix the task's `family`")]
+pub struct UnknownFamily {
+    pub family: String,
+    pub message: String,
+}
+
+#[async_trait]
+pub trait Ecs: Send + Sync {
+    /// ARNs of the tasks on `container_instance` whose desired status is RUNNING (all pages).
+    async fn list_running_tasks(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+    ) -> anyhow::Result<Vec<String>>;
+    async fn describe_tasks(&self, cluster: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>>;
+    /// `StartTask` of the latest revision of `family` on `container_instance`.
+    async fn start_task(
+        &self,
+        cluster: &str,
+        family: &str,
+        container_instance: &str,
+        started_by: &str,
+    ) -> anyhow::Result<StartOutcome>;
+}
+
+pub struct SdkEcs {
+    client: aws_sdk_ecs::Client,
+    calls: Arc<AwsCalls>,
+}
+
+impl SdkEcs {
+    pub fn new(config: &aws_config::SdkConfig, calls: Arc<AwsCalls>) -> Self {
+        SdkEcs {
+            client: aws_sdk_ecs::Client::new(config),
+            calls,
+        }
+    }
+}
+
+fn task_from(t: &aws_sdk_ecs::types::Task) -> EcsTask {
+    let family = t
+        .task_definition_arn()
+        .and_then(|arn| arn.rsplit('/').next())
+        .and_then(|name_rev| name_rev.split(':').next())
+        .unwrap_or_default()
+        .to_string();
+    EcsTask {
+        arn: t.task_arn().unwrap_or_default().to_string(),
+        family,
+        started_by: t.started_by().map(str::to_string),
+        last_status: t.last_status().unwrap_or_default().to_string(),
+        desired_status: t.desired_status().unwrap_or_default().to_string(),
+        container_instance_arn: t.container_instance_arn().map(str::to_string),
+    }
+}
+
+#[async_trait]
+impl Ecs for SdkEcs {
+    async fn list_running_tasks(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        let mut pages = self
+            .client
+            .list_tasks()
+            .cluster(cluster)
+            .container_instance(container_instance)
+            // Always explicit: some implementations default to every status.
+            .desired_status(DesiredStatus::Running)
+            .into_paginator()
+            .send();
+        let mut arns = Vec::new();
+        while let Some(page) = pages.next().await {
+            self.calls.record(LIST_TASKS, page.is_ok());
+            let page = page.map_err(|e| anyhow!(describe(&e))).with_context(|| {
+                format!("{LIST_TASKS} on cluster {cluster} for {container_instance} failed")
+            })?;
+            arns.extend(page.task_arns().iter().cloned());
+        }
+        Ok(arns)
+    }
+
+    async fn describe_tasks(&self, cluster: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>> {
+        let mut tasks = Vec::new();
+        for chunk in arns.chunks(100) {
+            let out = self
+                .client
+                .describe_tasks()
+                .cluster(cluster)
+                .set_tasks(Some(chunk.to_vec()))
+                .send()
+                .await;
+            self.calls.record(DESCRIBE_TASKS, out.is_ok());
+            let out = out
+                .map_err(|e| anyhow!(describe(&e)))
+                .with_context(|| format!("{DESCRIBE_TASKS} on cluster {cluster} failed"))?;
+            tasks.extend(out.tasks().iter().map(task_from));
+        }
+        Ok(tasks)
+    }
+
+    async fn start_task(
+        &self,
+        cluster: &str,
+        family: &str,
+        container_instance: &str,
+        started_by: &str,
+    ) -> anyhow::Result<StartOutcome> {
+        let out = self
+            .client
+            .start_task()
+            .cluster(cluster)
+            .task_definition(family)
+            .container_instances(container_instance)
+            .started_by(started_by)
+            .send()
+            .await;
+        self.calls.record(START_TASK, out.is_ok());
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => {
+                let service = e.as_service_error();
+                let message = service
+                    .and_then(|s| aws_sdk_ecs::error::ProvideErrorMetadata::message(s))
+                    .unwrap_or_default()
+                    .to_string();
+                if service.is_some_and(|s| s.is_client_exception())
+                    && message.to_ascii_lowercase().contains("task definition")
+                {
+                    return Err(UnknownFamily {
+                        family: family.to_string(),
+                        message,
+                    }
+                    .into());
+                }
+                return Err(anyhow!(describe(&e))).with_context(|| {
+                    format!("{START_TASK} of family {family:?} on cluster {cluster} failed")
+                });
+            }
+        };
+        if let Some(task) = out.tasks().first() {
+            return Ok(StartOutcome::Started(task_from(task)));
+        }
+        Ok(StartOutcome::NotPlaced(
+            out.failures()
+                .iter()
+                .map(|f| PlacementFailure {
+                    reason: f.reason().unwrap_or("unknown").to_string(),
+                    detail: f.detail().map(str::to_string),
+                })
+                .collect(),
+        ))
+    }
+}

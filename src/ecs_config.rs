@@ -1,0 +1,77 @@
+//! ecs.config: owns how nodeagent edits the ECS agent's environment file.
+//!
+//! The file is rewritten whole: each managed key appears exactly once (in place of its first
+//! occurrence, duplicates dropped, missing keys appended), every other line — comments, keys
+//! someone else manages — is kept as it was. Merging the result again changes nothing.
+
+use std::collections::BTreeSet;
+
+/// The new content of ecs.config given its current content and the managed `KEY=VALUE` pairs.
+pub fn merge(existing: &str, managed: &[(String, String)]) -> String {
+    let value_of = |key: &str| managed.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+    let mut written: BTreeSet<&str> = BTreeSet::new();
+    let mut lines: Vec<String> = Vec::new();
+    for line in existing.lines() {
+        match key_of(line).and_then(|k| value_of(k).map(|v| (k, v))) {
+            Some((key, value)) => {
+                if written.insert(key) {
+                    lines.push(format!("{key}={value}"));
+                }
+            }
+            None => lines.push(line.to_string()),
+        }
+    }
+    for (key, value) in managed {
+        if !written.contains(key.as_str()) {
+            lines.push(format!("{key}={value}"));
+        }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
+}
+
+/// The key of a `KEY=VALUE` line (systemd EnvironmentFile syntax); `None` for comments/blanks.
+fn key_of(line: &str) -> Option<&str> {
+    let (key, _) = line.trim_start().split_once('=')?;
+    let key = key.trim_end();
+    let valid = !key.is_empty()
+        && !key.starts_with(['#', ';'])
+        && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    valid.then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn managed() -> Vec<(String, String)> {
+        vec![
+            ("ECS_CLUSTER".into(), "l5d-demo".into()),
+            ("ECS_ENABLE_CONTAINER_METADATA".into(), "true".into()),
+        ]
+    }
+
+    #[test]
+    fn replaces_in_place_drops_duplicates_keeps_the_rest() {
+        let old =
+            "# set by the AMI\nECS_LOGLEVEL=info\nECS_CLUSTER=default\nECS_CLUSTER=l5d-demo\n";
+        let new = merge(old, &managed());
+        assert_eq!(
+            new,
+            "# set by the AMI\nECS_LOGLEVEL=info\nECS_CLUSTER=l5d-demo\nECS_ENABLE_CONTAINER_METADATA=true\n"
+        );
+        assert_eq!(merge(&new, &managed()), new, "idempotent");
+    }
+
+    #[test]
+    fn starts_an_empty_file() {
+        assert_eq!(merge("", &managed()[..1]), "ECS_CLUSTER=l5d-demo\n");
+    }
+
+    #[test]
+    fn a_key_that_only_starts_like_a_managed_one_is_kept() {
+        let new = merge("ECS_CLUSTER_X=1\n", &managed()[..1]);
+        assert_eq!(new, "ECS_CLUSTER_X=1\nECS_CLUSTER=l5d-demo\n");
+    }
+}

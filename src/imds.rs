@@ -1,0 +1,128 @@
+//! Instance metadata boundary (IMDSv2 only): owns every request to the EC2 instance metadata
+//! service.
+//!
+//! [`AwsImds`] is aws-config's IMDS client: it fetches a session token with `PUT
+//! /latest/api/token`, caches it, fetches a new one when IMDS answers 401, applies per-attempt
+//! timeouts and retries server errors and timeouts with jittered backoff. It honours
+//! `AWS_EC2_METADATA_SERVICE_ENDPOINT`. It never falls back to IMDSv1. Like Bottlerocket's
+//! imdsclient, each item has a typed method, a 404 is `None` and every error names the path.
+
+use async_trait::async_trait;
+use aws_config::imds::client::error::ImdsError as SdkImdsError;
+use aws_config::imds::client::ImdsResponseRetryClassifier;
+use aws_smithy_runtime_api::client::retries::classifiers::SharedRetryClassifier;
+use std::time::Duration;
+
+const DEFAULT_ENDPOINT: &str = "http://169.254.169.254";
+
+/// A failed metadata request, naming the item and the endpoint.
+#[derive(Debug, thiserror::Error)]
+#[error("instance metadata {path} from {endpoint}: {message}")]
+pub struct ImdsError {
+    pub path: String,
+    pub endpoint: String,
+    pub message: String,
+}
+
+#[async_trait]
+pub trait Imds: Send + Sync {
+    /// The item at `path` ("/latest/meta-data/instance-id"), `None` when IMDS answers 404.
+    async fn get(&self, path: &str) -> Result<Option<String>, ImdsError>;
+
+    /// Where requests go (for messages).
+    fn endpoint(&self) -> &str;
+
+    async fn instance_id(&self) -> Result<String, ImdsError> {
+        self.required("/latest/meta-data/instance-id").await
+    }
+    async fn local_ipv4(&self) -> Result<String, ImdsError> {
+        self.required("/latest/meta-data/local-ipv4").await
+    }
+    async fn region(&self) -> Result<String, ImdsError> {
+        self.required("/latest/meta-data/placement/region").await
+    }
+    async fn availability_zone(&self) -> Result<String, ImdsError> {
+        self.required("/latest/meta-data/placement/availability-zone")
+            .await
+    }
+    async fn instance_type(&self) -> Result<String, ImdsError> {
+        self.required("/latest/meta-data/instance-type").await
+    }
+    async fn ami_id(&self) -> Result<String, ImdsError> {
+        self.required("/latest/meta-data/ami-id").await
+    }
+
+    /// An item every EC2 instance has: a 404 is an error.
+    async fn required(&self, path: &str) -> Result<String, ImdsError> {
+        self.get(path).await?.ok_or_else(|| ImdsError {
+            path: path.to_string(),
+            endpoint: self.endpoint().to_string(),
+            message: "not found (404), but every EC2 instance has it".into(),
+        })
+    }
+}
+
+/// aws-config's IMDSv2 client.
+#[derive(Debug, Clone)]
+pub struct AwsImds {
+    client: aws_config::imds::Client,
+    endpoint: String,
+}
+
+impl AwsImds {
+    pub fn new() -> Self {
+        let client = aws_config::imds::Client::builder()
+            // Boot-time IMDS can be briefly unreachable: retry timeouts too, not only 5xx/401.
+            .retry_classifier(SharedRetryClassifier::new(
+                ImdsResponseRetryClassifier::default().with_retry_connect_timeouts(true),
+            ))
+            .max_attempts(4)
+            .connect_timeout(Duration::from_secs(1))
+            .read_timeout(Duration::from_secs(2))
+            .build();
+        let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());
+        AwsImds { client, endpoint }
+    }
+}
+
+impl Default for AwsImds {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[async_trait]
+impl Imds for AwsImds {
+    async fn get(&self, path: &str) -> Result<Option<String>, ImdsError> {
+        match self.client.get(path).await {
+            Ok(value) => Ok(Some(value.as_ref().to_string())),
+            Err(SdkImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => {
+                Ok(None)
+            }
+            Err(e) => Err(ImdsError {
+                path: path.to_string(),
+                endpoint: self.endpoint.clone(),
+                message: describe(&e),
+            }),
+        }
+    }
+
+    fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+fn describe(e: &SdkImdsError) -> String {
+    let chain = aws_smithy_types::error::display::DisplayErrorContext(e).to_string();
+    match e {
+        SdkImdsError::ErrorResponse(r) => {
+            format!("IMDS answered HTTP {}", r.response().status().as_u16())
+        }
+        SdkImdsError::FailedToLoadToken(_) => format!(
+            "no IMDSv2 session token ({chain}); is the metadata service enabled \
+             (HttpEndpoint=enabled) and, from a container, the hop limit at least 2?"
+        ),
+        _ => format!("unreachable after retries ({chain})"),
+    }
+}

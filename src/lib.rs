@@ -1,0 +1,21 @@
+//! nodeagent: boots an Amazon ECS node's foundational tasks (Consul agent, proxy, registrator)
+//! from EC2 instance metadata, replacing the user-data script that used to do it.
+//!
+//! Data flows one way: facts → config → render → runtime, with the CLI on top. The boundary
+//! modules (`imds`, `ec2`, `ecs`, `agent`, `hostfs`) each hide one external system behind a
+//! small trait and never import each other.
+
+pub mod agent;
+pub mod aws;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod ec2;
+pub mod ecs;
+pub mod ecs_config;
+pub mod facts;
+pub mod hostfs;
+pub mod imds;
+pub mod render;
+pub mod retry;
+pub mod runtime;

@@ -1,0 +1,51 @@
+//! Retry pacing: owns the exponential backoff with jitter used wherever nodeagent waits for
+//! something outside itself (servers that boot after the node, ECS placement failures).
+//! AWS SDK calls use the SDK's own standard retry, which jitters the same way.
+
+use rand::Rng;
+use std::time::Duration;
+
+/// Exponential backoff with "equal jitter": each delay is drawn from [d/2, d], where d doubles
+/// from `initial` up to `cap`. Never zero, so a failing peer is never polled in a busy loop.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    next: Duration,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, cap: Duration) -> Self {
+        Backoff { next: initial, cap }
+    }
+
+    /// The next delay to sleep.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.cap);
+        jitter(d)
+    }
+}
+
+/// A delay drawn uniformly from [d/2, d].
+pub fn jitter(d: Duration) -> Duration {
+    let half = d / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_to_the_cap_and_stay_in_range() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<Duration> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        for d in &delays[4..] {
+            assert!(
+                *d >= Duration::from_millis(500) && *d <= Duration::from_secs(1),
+                "{d:?}"
+            );
+        }
+    }
+}
