@@ -66,7 +66,17 @@ impl AwsCalls {
     }
 }
 
-/// An SDK error with its whole source chain (the SDK's own Display says only "service error").
+/// An SDK error with its whole source chain, each cause once (the SDK's own Display says only
+/// "service error", and its Debug dumps raw responses).
 pub fn describe(e: &dyn std::error::Error) -> String {
-    aws_smithy_types::error::display::DisplayErrorContext(e).to_string()
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
 }

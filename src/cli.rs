@@ -12,6 +12,7 @@ use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
 use crate::imds::AwsImds;
 use clap::{ArgAction, Args, Parser, Subcommand};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -99,6 +100,7 @@ fn init_logging(verbose: u8, quiet: bool) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
 }

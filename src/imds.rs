@@ -79,6 +79,9 @@ impl AwsImds {
             .max_attempts(4)
             .connect_timeout(Duration::from_secs(1))
             .read_timeout(Duration::from_secs(2))
+            .operation_attempt_timeout(Duration::from_secs(3))
+            // Bounds the whole item, token fetches and retries included.
+            .operation_timeout(Duration::from_secs(10))
             .build();
         let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());
@@ -114,7 +117,7 @@ impl Imds for AwsImds {
 }
 
 fn describe(e: &SdkImdsError) -> String {
-    let chain = aws_smithy_types::error::display::DisplayErrorContext(e).to_string();
+    let chain = crate::aws::describe(e);
     match e {
         SdkImdsError::ErrorResponse(r) => {
             format!("IMDS answered HTTP {}", r.response().status().as_u16())

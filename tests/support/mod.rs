@@ -1,0 +1,250 @@
+//! The integration-test harness: one test world (moto + fixtures, `tests/world/world.py`) per
+//! test, a temporary `--root` per test, and the real `nodeagent` binary driven against them.
+//! Every process started here is stopped by its PID when the test ends. A missing world (no
+//! venv, setup failure) fails the test loudly: nothing here skips.
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use serde::Deserialize;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// What the world reports once it is up.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorldInfo {
+    pub moto_url: String,
+    pub imds_url: String,
+    pub agent_url: String,
+    pub control_url: String,
+    pub region: String,
+    pub cluster: String,
+    pub instance_id: String,
+    pub local_ipv4: String,
+    pub server_ips: Vec<String>,
+    pub stopped_server_ips: Vec<String>,
+    pub pid: u32,
+}
+
+pub struct World {
+    child: Child,
+    pub info: WorldInfo,
+    pub root: tempfile::TempDir,
+}
+
+/// The repository root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The world's Python: `tests/world/setup.sh` makes (or finds) the venv, once per test binary.
+pub fn python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo().join("tests/world/setup.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/world/setup.sh");
+        assert!(
+            out.status.success(),
+            "tests/world/setup.sh failed: the test world (moto venv) is required"
+        );
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        PathBuf::from(stdout.lines().last().expect("setup.sh prints the venv python").trim())
+    })
+}
+
+impl World {
+    /// Starts a world whose ECS agent fixture reads this test's ecs.config.
+    pub fn start(args: &[&str]) -> World {
+        let root = tempfile::tempdir().unwrap();
+        let ecs_config = root.path().join("etc/ecs/ecs.config");
+        let mut child = Command::new(python())
+            .arg(repo().join("tests/world/world.py"))
+            .arg("serve")
+            .arg("--ecs-config")
+            .arg(&ecs_config)
+            .args(args)
+            .stdout(Stdio::piped())
+            // The world's log stays with the test's root, out of the test output.
+            .stderr(std::fs::File::create(root.path().join("world.log")).unwrap())
+            .spawn()
+            .expect("start tests/world/world.py");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        if line.trim().is_empty() {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(root.path().join("world.log")).unwrap_or_default();
+            panic!("the test world exited before it was up: {:?}\n{log}", child.wait());
+        }
+        let info: WorldInfo = serde_json::from_str(&line).expect("world JSON line");
+        World { child, info, root }
+    }
+
+    /// Writes a config file pointing at this world's ECS agent, plus `extra` TOML.
+    pub fn config(&self, extra: &str) -> PathBuf {
+        let path = self.root.path().join("nodeagent.toml");
+        let text = format!(
+            "[ecs]\nintrospection_url = \"{}\"\nagent_timeout = \"30s\"\n{extra}",
+            self.info.agent_url
+        );
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    /// `nodeagent run --config CONFIG --root ROOT --once`, wired to this world.
+    pub fn nodeagent(&self, config: &Path) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodeagent"));
+        cmd.args(["run", "--once", "--config"])
+            .arg(config)
+            .arg("--root")
+            .arg(self.root.path());
+        self.wire(&mut cmd);
+        cmd
+    }
+
+    /// The environment that points the AWS SDK and the IMDS client at this world.
+    pub fn wire(&self, cmd: &mut Command) {
+        cmd.env("AWS_ENDPOINT_URL", &self.info.moto_url)
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &self.info.imds_url)
+            .env("AWS_REGION", &self.info.region)
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env_remove("AWS_PROFILE")
+            .env_remove("RUST_LOG");
+    }
+
+    pub fn run_once(&self, config: &Path) -> Output {
+        self.nodeagent(config).output().unwrap()
+    }
+
+    /// A host path under this test's root.
+    pub fn path(&self, host_path: &str) -> PathBuf {
+        self.root.path().join(host_path.trim_start_matches('/'))
+    }
+
+    pub fn read(&self, host_path: &str) -> String {
+        std::fs::read_to_string(self.path(host_path))
+            .unwrap_or_else(|e| panic!("read {host_path}: {e}"))
+    }
+
+    pub async fn sdk(&self) -> aws_config::SdkConfig {
+        aws_config::defaults(aws_config::BehaviorVersion::latest())
+            .endpoint_url(&self.info.moto_url)
+            .region(aws_config::Region::new(self.info.region.clone()))
+            .credentials_provider(aws_sdk_ecs::config::Credentials::new(
+                "testing", "testing", None, None, "test",
+            ))
+            .load()
+            .await
+    }
+
+    /// This node's container instance ARN, as the ECS agent fixture registered it.
+    pub async fn container_instance(&self) -> String {
+        let ecs = aws_sdk_ecs::Client::new(&self.sdk().await);
+        let out = ecs
+            .list_container_instances()
+            .cluster(&self.info.cluster)
+            .send()
+            .await
+            .unwrap();
+        let arns = out.container_instance_arns();
+        assert_eq!(arns.len(), 1, "exactly one registered container instance");
+        arns[0].clone()
+    }
+
+    /// The RUNNING tasks on this node's container instance: (family, startedBy, ARN), sorted.
+    pub async fn running_tasks(&self) -> Vec<(String, String, String)> {
+        let ecs = aws_sdk_ecs::Client::new(&self.sdk().await);
+        let ci = self.container_instance().await;
+        let arns = ecs
+            .list_tasks()
+            .cluster(&self.info.cluster)
+            .container_instance(&ci)
+            .desired_status(aws_sdk_ecs::types::DesiredStatus::Running)
+            .send()
+            .await
+            .unwrap()
+            .task_arns()
+            .to_vec();
+        if arns.is_empty() {
+            return Vec::new();
+        }
+        let described = ecs
+            .describe_tasks()
+            .cluster(&self.info.cluster)
+            .set_tasks(Some(arns))
+            .send()
+            .await
+            .unwrap();
+        let mut tasks: Vec<(String, String, String)> = described
+            .tasks()
+            .iter()
+            .filter(|t| t.last_status() == Some("RUNNING"))
+            .map(|t| {
+                let family = t
+                    .task_definition_arn()
+                    .unwrap()
+                    .rsplit('/')
+                    .next()
+                    .unwrap()
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_string();
+                (
+                    family,
+                    t.started_by().unwrap_or_default().to_string(),
+                    t.task_arn().unwrap().to_string(),
+                )
+            })
+            .collect();
+        tasks.sort();
+        tasks
+    }
+
+    /// A call to the world's control API.
+    pub async fn control(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+        let url = format!("{}{path}", self.info.control_url);
+        let http = reqwest::Client::builder().no_proxy().build().unwrap();
+        let req = match method {
+            "GET" => http.get(url),
+            _ => http.post(url).json(&body),
+        };
+        let resp = req.send().await.unwrap().error_for_status().unwrap();
+        resp.json().await.unwrap_or(serde_json::Value::Null)
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        // Stopped by its PID, whatever the test's outcome.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// stdout + stderr of a finished nodeagent, for assertion messages.
+pub fn transcript(out: &Output) -> String {
+    format!(
+        "status: {:?}\n--- stderr\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// Polls `cond` every 50 ms for up to `limit`.
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
