@@ -29,6 +29,8 @@ use tracing::{debug, info, info_span, Instrument};
 
 /// The ECS agent is polled this often (jittered down to half) while it starts.
 const AGENT_POLL: Duration = Duration::from_millis(100);
+/// How long the ECS agent may take before the wait is logged.
+const AGENT_QUIET: Duration = Duration::from_secs(2);
 /// While waiting on something outside, say so this often.
 const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -187,7 +189,8 @@ async fn wait_for_agent(
 ) -> anyhow::Result<AgentMetadata> {
     let start = Instant::now();
     let timeout = settings.ecs.agent_timeout;
-    let mut last_log: Option<Instant> = None;
+    // At boot the agent is normally a moment behind us: only a wait that lasts is news.
+    let mut next_log = start + AGENT_QUIET;
     loop {
         let why = match agent.metadata().await {
             Ok(m)
@@ -220,13 +223,13 @@ async fn wait_for_agent(
                 agent.url()
             );
         }
-        if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+        if Instant::now() >= next_log {
             info!(
                 waited_s = start.elapsed().as_secs(),
                 "waiting for the ECS agent at {}: {why}",
                 agent.url()
             );
-            last_log = Some(Instant::now());
+            next_log = Instant::now() + WAIT_LOG_EVERY;
         }
         tokio::time::sleep(jitter(AGENT_POLL)).await;
     }

@@ -36,17 +36,30 @@ async fn boot_starts_the_three_tasks_with_discovered_servers() {
     assert_eq!(consul["node_name"], world.info.instance_id.as_str());
 
     let ecs_config = world.read("/etc/ecs/ecs.config");
-    assert_eq!(ecs_config.matches("ECS_CLUSTER=").count(), 1, "{ecs_config}");
+    assert_eq!(
+        ecs_config.matches("ECS_CLUSTER=").count(),
+        1,
+        "{ecs_config}"
+    );
     assert!(ecs_config.contains("ECS_CLUSTER=l5d-demo\n"));
 
     let start = world.path("/opt/consul-registrator/bin/start.sh");
-    assert_eq!(std::fs::metadata(&start).unwrap().permissions().mode() & 0o7777, 0o755);
-    assert!(world.read("/opt/consul-registrator/bin/start.sh").contains(&format!(
-        "-ip {ip} -retry-attempts -1 consul://{ip}:8500",
-        ip = world.info.local_ipv4
-    )));
-    let linkerd: serde_yaml::Value = serde_yaml::from_str(&world.read("/etc/linkerd/linkerd.yaml")).unwrap();
-    assert_eq!(linkerd["namers"][0]["host"].as_str(), Some(world.info.local_ipv4.as_str()));
+    assert_eq!(
+        std::fs::metadata(&start).unwrap().permissions().mode() & 0o7777,
+        0o755
+    );
+    assert!(world
+        .read("/opt/consul-registrator/bin/start.sh")
+        .contains(&format!(
+            "-ip {ip} -retry-attempts -1 consul://{ip}:8500",
+            ip = world.info.local_ipv4
+        )));
+    let linkerd: serde_yaml::Value =
+        serde_yaml::from_str(&world.read("/etc/linkerd/linkerd.yaml")).unwrap();
+    assert_eq!(
+        linkerd["namers"][0]["host"].as_str(),
+        Some(world.info.local_ipv4.as_str())
+    );
     assert!(world.path("/opt/consul/data").is_dir());
 }
 
@@ -73,16 +86,30 @@ async fn reruns_and_an_ecs_agent_restart_never_duplicate() {
         ecs_configs[0],
         "# from the AMI\nECS_LOGLEVEL=debug\nECS_CLUSTER=l5d-demo\nECS_ENABLE_CONTAINER_METADATA=true\n"
     );
-    assert!(ecs_configs.iter().all(|c| c == &ecs_configs[0]), "byte-identical: {ecs_configs:?}");
+    assert!(
+        ecs_configs.iter().all(|c| c == &ecs_configs[0]),
+        "byte-identical: {ecs_configs:?}"
+    );
     assert_eq!(task_sets[0].len(), 3);
-    assert!(task_sets.iter().all(|t| t == &task_sets[0]), "same 3 tasks: {task_sets:?}");
+    assert!(
+        task_sets.iter().all(|t| t == &task_sets[0]),
+        "same 3 tasks: {task_sets:?}"
+    );
 
     world
-        .control("POST", "/agent/restart", serde_json::json!({"down_ms": 300}))
+        .control(
+            "POST",
+            "/agent/restart",
+            serde_json::json!({"down_ms": 300}),
+        )
         .await;
     let out = world.run_once(&config);
     assert!(out.status.success(), "{}", transcript(&out));
-    assert_eq!(world.running_tasks().await, task_sets[0], "adopted after the agent restart");
+    assert_eq!(
+        world.running_tasks().await,
+        task_sets[0],
+        "adopted after the agent restart"
+    );
     assert_eq!(world.read("/etc/ecs/ecs.config"), ecs_configs[0]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("adopted=3"), "{stderr}");
@@ -98,7 +125,10 @@ async fn waits_for_a_consul_server_that_boots_later() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(child.try_wait().unwrap().is_none(), "still waiting for a server");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting for a server"
+    );
 
     let ec2 = aws_sdk_ec2::Client::new(&world.sdk().await);
     let node = ec2
@@ -107,7 +137,10 @@ async fn waits_for_a_consul_server_that_boots_later() {
         .send()
         .await
         .unwrap();
-    let image = node.reservations()[0].instances()[0].image_id().unwrap().to_string();
+    let image = node.reservations()[0].instances()[0]
+        .image_id()
+        .unwrap()
+        .to_string();
     let tag = aws_sdk_ec2::types::Tag::builder()
         .key("Name")
         .value("l5d-demo-consul-server")
@@ -131,7 +164,10 @@ async fn waits_for_a_consul_server_that_boots_later() {
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", transcript(&out));
     assert!(started.elapsed() >= Duration::from_secs(3));
-    assert_eq!(consul_config(&world)["retry_join"], serde_json::json!([server_ip]));
+    assert_eq!(
+        consul_config(&world)["retry_join"],
+        serde_json::json!([server_ip])
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("tag:Name=l5d-demo-consul-server and instance-state-name=running"),
@@ -172,7 +208,10 @@ async fn an_agent_in_another_cluster_is_an_error() {
     let out = world.run_once(&wrong);
     assert_eq!(out.status.code(), Some(1), "{}", transcript(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("registered into cluster \"l5d-demo\", not \"elsewhere\""), "{stderr}");
+    assert!(
+        stderr.contains("registered into cluster \"l5d-demo\", not \"elsewhere\""),
+        "{stderr}"
+    );
 }
 
 /// Every file under the root except the given ones.
@@ -196,10 +235,19 @@ fn files_under(root: &std::path::Path, except: &[&std::path::Path]) -> Vec<std::
 fn bad_configuration_exits_2_with_its_location_and_writes_nothing() {
     let cases = [
         ("cluster = \"a\"\n[consul\n", ":2:"),
-        ("cluster = \"a\"\n[consul]\ndatacentre = \"x\"\n", ":3:1: unknown field `datacentre`"),
+        (
+            "cluster = \"a\"\n[consul]\ndatacentre = \"x\"\n",
+            ":3:1: unknown field `datacentre`",
+        ),
         ("[tasks.linkerd]\nenabled = \"no\"\n", ":2:11:"),
-        ("[tasks.linkerd]\ndepends_on = [\"nope\"]\n", "not an enabled task"),
-        ("[ecs.config]\nECS_X = \"a\\nECS_CLUSTER=evil\"\n", "control character"),
+        (
+            "[tasks.linkerd]\ndepends_on = [\"nope\"]\n",
+            "not an enabled task",
+        ),
+        (
+            "[ecs.config]\nECS_X = \"a\\nECS_CLUSTER=evil\"\n",
+            "control character",
+        ),
     ];
     for (text, expected) in cases {
         let root = tempfile::tempdir().unwrap();
@@ -216,11 +264,20 @@ fn bad_configuration_exits_2_with_its_location_and_writes_nothing() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{text:?}: {stderr}");
-        assert!(stderr.contains(expected), "{text:?}: expected {expected:?} in {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{text:?}: expected {expected:?} in {stderr}"
+        );
         if expected.starts_with(':') {
-            assert!(stderr.contains(&format!("{}{expected}", config.display())), "{stderr}");
+            assert!(
+                stderr.contains(&format!("{}{expected}", config.display())),
+                "{stderr}"
+            );
         }
-        assert!(files_under(root.path(), &[&config]).is_empty(), "nothing written");
+        assert!(
+            files_under(root.path(), &[&config]).is_empty(),
+            "nothing written"
+        );
     }
 }
 
@@ -252,20 +309,39 @@ async fn imds_errors_are_reported_and_imdsv1_is_never_tried() {
     let world = World::start(&[]);
     let config = world.config("");
 
-    world.control("POST", "/imds", serde_json::json!({"mode": "refuse-tokens"})).await;
+    world
+        .control(
+            "POST",
+            "/imds",
+            serde_json::json!({"mode": "refuse-tokens"}),
+        )
+        .await;
     let out = world.run_once(&config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains(&world.info.imds_url) && stderr.contains("token"), "{stderr}");
-    let stats = world.control("GET", "/stats", serde_json::Value::Null).await;
-    assert_eq!(stats["imds"]["unauthorized"], 0, "no token-less (IMDSv1) request: {stats}");
+    assert!(
+        stderr.contains(&world.info.imds_url) && stderr.contains("token"),
+        "{stderr}"
+    );
+    let stats = world
+        .control("GET", "/stats", serde_json::Value::Null)
+        .await;
+    assert_eq!(
+        stats["imds"]["unauthorized"], 0,
+        "no token-less (IMDSv1) request: {stats}"
+    );
 
-    world.control("POST", "/imds", serde_json::json!({"mode": "fail"})).await;
+    world
+        .control("POST", "/imds", serde_json::json!({"mode": "fail"}))
+        .await;
     let out = world.run_once(&config);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&world.info.imds_url), "{stderr}");
-    assert!(!world.path("/etc/ecs/ecs.config").exists(), "nothing written");
+    assert!(
+        !world.path("/etc/ecs/ecs.config").exists(),
+        "nothing written"
+    );
 }
 
 #[tokio::test]
@@ -274,7 +350,10 @@ async fn an_unknown_task_family_exits_1_naming_it() {
     let out = world.run_once(&world.config("[tasks.linkerd]\nfamily = \"no-such-family\"\n"));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("\"no-such-family\" is not registered"), "{stderr}");
+    assert!(
+        stderr.contains("\"no-such-family\" is not registered"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
@@ -335,14 +414,21 @@ async fn hostile_tag_and_metadata_values_render_literally() {
 
     let sh = world.read("/etc/out/all.sh");
     let words = shlex::split(sh.strip_prefix("#!/bin/sh\n").unwrap()).unwrap();
-    let mut expected = vec!["printf".to_string(), "%s\\n".into(), hostile.into(), hostile.into(), hostile.into()];
+    let mut expected = vec![
+        "printf".to_string(),
+        "%s\\n".into(),
+        hostile.into(),
+        hostile.into(),
+        hostile.into(),
+    ];
     expected.extend(servers.iter().cloned());
     assert_eq!(words, expected);
 
     let consul = consul_config(&world);
     assert_eq!(consul["datacenter"], hostile);
     assert_eq!(consul["retry_join"], serde_json::json!(servers));
-    let linkerd: serde_yaml::Value = serde_yaml::from_str(&world.read("/etc/linkerd/linkerd.yaml")).unwrap();
+    let linkerd: serde_yaml::Value =
+        serde_yaml::from_str(&world.read("/etc/linkerd/linkerd.yaml")).unwrap();
     assert_eq!(
         linkerd["routers"][1]["dtab"].as_str().unwrap(),
         format!("/svc => /#/io.l5d.consul/{hostile};\n")

@@ -52,7 +52,13 @@ pub fn python() -> &'static Path {
             "tests/world/setup.sh failed: the test world (moto venv) is required"
         );
         let stdout = String::from_utf8(out.stdout).unwrap();
-        PathBuf::from(stdout.lines().last().expect("setup.sh prints the venv python").trim())
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("setup.sh prints the venv python")
+                .trim(),
+        )
     })
 }
 
@@ -79,7 +85,10 @@ impl World {
         if line.trim().is_empty() {
             let _ = child.kill();
             let log = std::fs::read_to_string(root.path().join("world.log")).unwrap_or_default();
-            panic!("the test world exited before it was up: {:?}\n{log}", child.wait());
+            panic!(
+                "the test world exited before it was up: {:?}\n{log}",
+                child.wait()
+            );
         }
         let info: WorldInfo = serde_json::from_str(&line).expect("world JSON line");
         World { child, info, root }
@@ -208,7 +217,12 @@ impl World {
     }
 
     /// A call to the world's control API.
-    pub async fn control(&self, method: &str, path: &str, body: serde_json::Value) -> serde_json::Value {
+    pub async fn control(
+        &self,
+        method: &str,
+        path: &str,
+        body: serde_json::Value,
+    ) -> serde_json::Value {
         let url = format!("{}{path}", self.info.control_url);
         let http = reqwest::Client::builder().no_proxy().build().unwrap();
         let req = match method {
