@@ -63,16 +63,15 @@ async fn stop_tasks(world: &World) {
     }
 }
 
-/// The `phases=` of nodeagent's "boot complete" line: name → milliseconds.
+/// The `phases=` of nodeagent's "node prepared" line: name → milliseconds.
 fn phases(stderr: &str) -> BTreeMap<String, f64> {
     let line = stderr
         .lines()
-        .find(|l| l.contains("boot complete"))
-        .expect("a boot complete line");
+        .find(|l| l.contains("node prepared"))
+        .expect("a node prepared line");
     let after = line.split("phases=").nth(1).unwrap();
     after
         .split_whitespace()
-        .take_while(|t| !t.starts_with("started="))
         .filter_map(|t| {
             let (name, ms) = t.split_once('=')?;
             Some((name.to_string(), ms.trim_end_matches("ms").parse().ok()?))

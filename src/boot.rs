@@ -5,21 +5,23 @@
 //! 3. find the Consul servers by EC2 tag, while
 //! 4. waiting for the ECS container agent to register this container instance;
 //! 5. render the foundational tasks' config files;
-//! 6. start the tasks through ECS `StartTask`, adopting any already running.
+//! 6. start the tasks — ECS `StartTask` or Docker — adopting any already running: that is the
+//!    supervisor's first act (the caller's), as it is the one that keeps them running.
 //!
 //! Step 2 alone is [`prepare`], which runs before ecs.service (it needs no network); [`run`]
-//! repeats it idempotently and goes on, after ecs.service.
+//! repeats it idempotently and goes on, after ecs.service. Without `ecs.join` (docker runtime
+//! only), steps 2 and 4 are skipped.
 
 use crate::agent::{AgentMetadata, EcsAgent};
 use crate::config::Settings;
 use crate::ec2::Ec2;
-use crate::ecs::Ecs;
 use crate::ecs_config;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, Written};
-use crate::render::{ConsulContext, Context, EcsContext, RenderedFile, Renderer};
+use crate::render::{render_value, ConsulContext, Context, EcsContext, RenderedFile, Renderer};
 use crate::retry::{jitter, Backoff};
-use crate::runtime::ecs::{started_by, EcsRuntime, TaskOutcome};
+use crate::supervisor::health::Probe;
+use crate::supervisor::TaskSpec;
 use anyhow::{anyhow, bail, Context as _};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -38,7 +40,6 @@ const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
 pub struct Node<'a> {
     pub fs: &'a dyn HostFs,
     pub ec2: &'a dyn Ec2,
-    pub ecs: &'a dyn Ecs,
     pub agent: &'a dyn EcsAgent,
 }
 
@@ -54,9 +55,8 @@ pub struct PhaseTime {
 #[derive(Debug, Clone, Serialize)]
 pub struct BootReport {
     pub consul_servers: Vec<String>,
-    pub container_instance_arn: String,
+    pub container_instance_arn: Option<String>,
     pub files: Vec<RenderedFile>,
-    pub tasks: Vec<TaskOutcome>,
     pub phases: Vec<PhaseTime>,
 }
 
@@ -77,7 +77,7 @@ pub fn prepare(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Written> 
     Ok(written)
 }
 
-/// Steps 2 to 6.
+/// Steps 2 to 5.
 pub async fn run(
     settings: &Settings,
     facts: &InstanceFacts,
@@ -92,9 +92,12 @@ pub async fn run(
     };
 
     // 2. Join the ECS cluster.
+    let join = settings.ecs.join;
     let t = Instant::now();
-    info_span!("phase", phase = "join").in_scope(|| prepare(settings, node.fs))?;
-    phases.push(timed("join", t));
+    if join {
+        info_span!("phase", phase = "join").in_scope(|| prepare(settings, node.fs))?;
+        phases.push(timed("join", t));
+    }
 
     // 3 and 4: both wait on something outside, so they wait together.
     let t = Instant::now();
@@ -104,42 +107,36 @@ pub async fn run(
     }
     .instrument(info_span!("phase", phase = "discover"));
     let wait = async {
+        if !join {
+            return (Ok(None), None);
+        }
         let agent = wait_for_agent(settings, node.agent).await;
-        (agent, timed("agent", t))
+        (agent.map(Some), Some(timed("agent", t)))
     }
     .instrument(info_span!("phase", phase = "agent"));
     let ((servers, discover_time), (agent, agent_time)) = tokio::join!(discover, wait);
     let servers = servers?;
-    let agent = agent?;
-    phases.extend([discover_time, agent_time]);
-    let container_instance = agent.container_instance_arn.unwrap_or_default();
+    let container_instance = agent?.and_then(|a| a.container_instance_arn);
+    phases.push(discover_time);
+    phases.extend(agent_time);
 
     // 5. Render the config files.
     let t = Instant::now();
-    let files = info_span!("phase", phase = "render")
-        .in_scope(|| render_files(settings, facts, &servers, &container_instance, node.fs))?;
+    let files = info_span!("phase", phase = "render").in_scope(|| {
+        render_files(
+            settings,
+            facts,
+            &servers,
+            container_instance.as_deref(),
+            node.fs,
+        )
+    })?;
     phases.push(timed("render", t));
-
-    // 6. Start (or adopt) the tasks.
-    let t = Instant::now();
-    let runtime = EcsRuntime {
-        ecs: node.ecs,
-        cluster: &settings.cluster,
-        container_instance: &container_instance,
-        started_by: started_by(&facts.instance_id),
-        start_timeout: settings.ecs.start_timeout,
-    };
-    let tasks = runtime
-        .ensure(&settings.start_levels())
-        .instrument(info_span!("phase", phase = "start"))
-        .await?;
-    phases.push(timed("start", t));
 
     Ok(BootReport {
         consul_servers: servers,
         container_instance_arn: container_instance,
         files,
-        tasks,
         phases,
     })
 }
@@ -240,7 +237,7 @@ fn render_files(
     settings: &Settings,
     facts: &InstanceFacts,
     servers: &[String],
-    container_instance: &str,
+    container_instance: Option<&str>,
     fs: &dyn HostFs,
 ) -> anyhow::Result<Vec<RenderedFile>> {
     let read_template = |path: &str| -> anyhow::Result<String> {
@@ -250,20 +247,7 @@ fn render_files(
         String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8 text"))
     };
     let renderer = Renderer::new(settings, &read_template)?;
-    let ctx = Context {
-        instance: facts,
-        cluster: &settings.cluster,
-        consul: ConsulContext {
-            servers,
-            datacenter: &settings.consul.datacenter,
-            server_tag: &settings.consul.server_tag,
-        },
-        ecs: EcsContext {
-            container_instance_arn: Some(container_instance),
-        },
-        vars: &settings.vars,
-    };
-    let files = renderer.render(&ctx)?;
+    let files = renderer.render(&context(settings, facts, servers, container_instance))?;
     for task in settings.enabled_tasks() {
         for dir in &settings.tasks[task.name].dirs {
             fs.create_dir_all(dir, 0o755)
@@ -279,6 +263,63 @@ fn render_files(
         }
     }
     Ok(files)
+}
+
+/// What templates see.
+fn context<'a>(
+    settings: &'a Settings,
+    facts: &'a InstanceFacts,
+    servers: &'a [String],
+    container_instance: Option<&'a str>,
+) -> Context<'a> {
+    Context {
+        instance: facts,
+        cluster: &settings.cluster,
+        consul: ConsulContext {
+            servers,
+            datacenter: &settings.consul.datacenter,
+            server_tag: &settings.consul.server_tag,
+        },
+        ecs: EcsContext {
+            container_instance_arn: container_instance,
+        },
+        vars: &settings.vars,
+    }
+}
+
+/// The enabled tasks as the supervisor sees them, in start order, health checks rendered.
+pub fn supervised_tasks(
+    settings: &Settings,
+    facts: &InstanceFacts,
+    report: &BootReport,
+) -> anyhow::Result<Vec<TaskSpec>> {
+    let ctx = context(
+        settings,
+        facts,
+        &report.consul_servers,
+        report.container_instance_arn.as_deref(),
+    );
+    let mut specs = Vec::new();
+    for task in settings.start_levels().into_iter().flatten() {
+        let config = &settings.tasks[task.name];
+        let health = config.health.clone().unwrap_or_default();
+        let probe = match (health.http(), health.tcp()) {
+            (Some(url), _) => Some(Probe::Http(render_value(url, &ctx)?)),
+            (None, Some(addr)) => Some(Probe::Tcp(render_value(addr, &ctx)?)),
+            (None, None) => None,
+        };
+        specs.push(TaskSpec {
+            name: task.name.to_string(),
+            depends_on: task.depends_on.to_vec(),
+            probe,
+            interval: health.interval,
+            timeout: health.timeout,
+            unhealthy_threshold: health.unhealthy_threshold,
+            restart_when_unhealthy: health.restart_when_unhealthy,
+            restart_with_dependencies: config.restart_with_dependencies,
+        });
+    }
+    Ok(specs)
 }
 
 fn ms(d: Duration) -> f64 {

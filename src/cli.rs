@@ -5,19 +5,23 @@
 use crate::agent::HttpAgent;
 use crate::aws::{self, AwsCalls};
 use crate::boot::{self, Node, PhaseTime};
-use crate::config::{self, ConfigError, Fragment, Settings};
+use crate::config::{self, ConfigError, Fragment, RuntimeKind, Settings};
+use crate::docker::{BollardDocker, Docker};
 use crate::ec2::SdkEc2;
 use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
 use crate::imds::AwsImds;
+use crate::runtime::docker::DockerRuntime;
+use crate::runtime::ecs::EcsRuntime;
+use crate::supervisor::{Runtime, Supervisor, Until};
 use clap::{ArgAction, Args, Parser, Subcommand};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
-use tracing::{info, info_span, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -164,34 +168,81 @@ async fn run(common: &Common, once: bool) -> anyhow::Result<()> {
     let calls = Arc::new(AwsCalls::default());
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, calls.clone());
-    let ecs = SdkEcs::new(&sdk, calls.clone());
     let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
     let node = Node {
         fs: &fs,
         ec2: &ec2,
-        ecs: &ecs,
         agent: &agent,
     };
     let report = boot::run(&settings, &facts, &node).await?;
-
     let phases: Vec<String> = std::iter::once(&imds_phase)
         .chain(&report.phases)
         .map(|p| format!("{}={:.1}ms", p.phase, p.took_ms))
         .collect();
-    let adopted = report.tasks.iter().filter(|t| t.adopted).count();
-    info!(
-        total_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-        aws_calls = calls.total(),
-        phases = %phases.join(" "),
-        started = report.tasks.len() - adopted,
-        adopted,
-        "boot complete"
-    );
+    info!(phases = %phases.join(" "), "node prepared; starting the tasks");
+
+    // 6. Start or adopt the tasks, and keep them running.
+    let docker = BollardDocker::connect()
+        .await
+        .map(|d| Arc::new(d) as Arc<dyn Docker>);
+    let runtime: Arc<dyn Runtime> = match settings.runtime {
+        RuntimeKind::Docker => Arc::new(DockerRuntime::new(
+            docker?,
+            &settings,
+            &facts.instance_id,
+            &fs,
+        )),
+        RuntimeKind::Ecs => {
+            let docker = docker
+                .inspect_err(|e| warn!(error = %format!("{e:#}"), "no Docker engine: task deaths are found by the periodic reconcile only"))
+                .ok();
+            let tasks: Vec<(String, String)> = settings
+                .enabled_tasks()
+                .map(|t| (t.name.to_string(), t.family.to_string()))
+                .collect();
+            Arc::new(EcsRuntime::new(
+                Arc::new(SdkEcs::new(&sdk, calls.clone())),
+                docker,
+                &settings.cluster,
+                report.container_instance_arn.as_deref().unwrap_or_default(),
+                &facts.instance_id,
+                &tasks,
+                settings.ecs.start_timeout,
+            ))
+        }
+    };
+    let tasks = boot::supervised_tasks(&settings, &facts, &report)?;
+    let mut supervisor = Supervisor::new(runtime, settings.supervision.clone(), tasks);
+    let status = supervisor.watch();
+    let until = if once {
+        Until::AllStarted
+    } else {
+        Until::Shutdown
+    };
+    let summary = || {
+        let tasks = status.borrow();
+        let adopted = tasks.iter().filter(|t| t.adopted).count();
+        info!(
+            total_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+            aws_calls = calls.total(),
+            started = tasks.len() - adopted,
+            adopted,
+            "all tasks started"
+        );
+    };
+    supervisor
+        .run(until, async {
+            if let Err(e) = wait_for_shutdown().await {
+                tracing::error!(error = %e, "cannot wait for signals");
+            }
+        })
+        .instrument(info_span!("supervise"))
+        .await?;
     if once {
-        return Ok(());
+        summary();
+    } else {
+        info!("stopping; the tasks keep running");
     }
-    wait_for_shutdown().await?;
-    info!("stopping; the tasks keep running");
     Ok(())
 }
 

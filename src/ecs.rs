@@ -1,5 +1,5 @@
 //! ECS boundary: owns the ECS control-plane calls nodeagent makes about its own container
-//! instance — list, describe and start tasks.
+//! instance — list, describe, start and stop tasks.
 
 use crate::aws::{describe, AwsCalls};
 use anyhow::{anyhow, Context};
@@ -10,6 +10,7 @@ use std::sync::Arc;
 const LIST_TASKS: &str = "ecs:ListTasks";
 const DESCRIBE_TASKS: &str = "ecs:DescribeTasks";
 const START_TASK: &str = "ecs:StartTask";
+const STOP_TASK: &str = "ecs:StopTask";
 
 /// A task as ECS reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +54,8 @@ pub trait Ecs: Send + Sync {
         container_instance: &str,
     ) -> anyhow::Result<Vec<String>>;
     async fn describe_tasks(&self, cluster: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>>;
+    /// `StopTask`; a task ECS no longer knows is not an error.
+    async fn stop_task(&self, cluster: &str, arn: &str, reason: &str) -> anyhow::Result<()>;
     /// `StartTask` of the latest revision of `family` on `container_instance`.
     async fn start_task(
         &self,
@@ -138,6 +141,29 @@ impl Ecs for SdkEcs {
             tasks.extend(out.tasks().iter().map(task_from));
         }
         Ok(tasks)
+    }
+
+    async fn stop_task(&self, cluster: &str, arn: &str, reason: &str) -> anyhow::Result<()> {
+        let out = self
+            .client
+            .stop_task()
+            .cluster(cluster)
+            .task(arn)
+            .reason(reason)
+            .send()
+            .await;
+        self.calls.record(STOP_TASK, out.is_ok());
+        match out {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_invalid_parameter_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(anyhow!(describe(&e)))
+                .with_context(|| format!("{STOP_TASK} of {arn} on cluster {cluster} failed")),
+        }
     }
 
     async fn start_task(

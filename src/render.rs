@@ -162,6 +162,14 @@ impl Renderer {
     }
 }
 
+/// Renders a one-line template (a health-check URL) with no escaping, strict undefined.
+pub fn render_value(source: &str, ctx: &Context<'_>) -> anyhow::Result<String> {
+    let mut env = Environment::new();
+    env.set_undefined_behavior(UndefinedBehavior::Strict);
+    env.render_str(source, Value::from_serialize(ctx))
+        .map_err(|e| anyhow!("{source:?}: {e:#}"))
+}
+
 fn builtin_template(name: &str) -> anyhow::Result<&'static str> {
     BUILTIN_TEMPLATES
         .iter()

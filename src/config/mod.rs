@@ -27,12 +27,52 @@ pub const BUILTIN_PREFIX: &str = "builtin:";
 pub struct Settings {
     /// ECS cluster this node joins.
     pub cluster: String,
+    /// How the foundational tasks run: as ECS tasks, or as containers through the Docker API.
+    pub runtime: RuntimeKind,
     pub consul: Consul,
     pub ecs: Ecs,
+    pub supervision: Supervision,
     /// Free-form values made available to templates as `vars.*`.
     pub vars: BTreeMap<String, toml::Value>,
     /// The node's foundational tasks, keyed by name so layers merge per task.
     pub tasks: BTreeMap<String, Task>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RuntimeKind {
+    /// ECS tasks started with `StartTask` on this node's container instance.
+    #[default]
+    Ecs,
+    /// Containers run directly through the local Docker engine (`DOCKER_HOST`), no ECS involved.
+    Docker,
+}
+
+/// How tasks are kept running.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Supervision {
+    /// First delay of the restart backoff (after the first, immediate, restart).
+    #[serde(with = "humantime_serde")]
+    pub backoff_initial: Duration,
+    /// Cap of the restart backoff.
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// A task healthy this long has its backoff reset.
+    #[serde(with = "humantime_serde")]
+    pub backoff_reset_after: Duration,
+    /// This many restarts within `crash_loop_window` put a task in `crash-loop`.
+    pub crash_loop_restarts: u32,
+    #[serde(with = "humantime_serde")]
+    pub crash_loop_window: Duration,
+    /// Full comparison of what runs with what should, as a backstop for missed events.
+    #[serde(with = "humantime_serde")]
+    pub reconcile_interval: Duration,
+    /// How long a stopped container gets between SIGTERM and SIGKILL.
+    #[serde(with = "humantime_serde")]
+    pub stop_grace: Duration,
+    /// Lines of a crash-looping task's output written to the log.
+    pub log_lines: usize,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -56,6 +96,9 @@ pub struct Tag {
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Ecs {
+    /// Join the ECS cluster: write ecs.config and wait for the ECS agent. `false` on hosts
+    /// without ECS (laptops); needs `runtime = "docker"`.
+    pub join: bool,
     /// The ECS container agent's introspection API.
     pub introspection_url: String,
     /// The ECS agent's environment file.
@@ -83,6 +126,12 @@ pub struct Task {
     pub dirs: Vec<String>,
     /// Files rendered for the task, keyed by their absolute host path.
     pub files: BTreeMap<String, File>,
+    /// The container, for the docker runtime.
+    pub container: Container,
+    /// How to tell the task is healthy; without a check, running is healthy.
+    pub health: Option<Health>,
+    /// Restart this task when a task it depends on restarts.
+    pub restart_with_dependencies: bool,
 }
 
 impl Default for Task {
@@ -93,6 +142,65 @@ impl Default for Task {
             enabled: true,
             dirs: Vec::new(),
             files: BTreeMap::new(),
+            container: Container::default(),
+            health: None,
+            restart_with_dependencies: false,
+        }
+    }
+}
+
+/// A task's container for the docker runtime (what its ECS task definition says for ECS).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Container {
+    pub image: String,
+    /// Arguments (the image's default command when empty).
+    pub command: Vec<String>,
+    /// Replaces the image's entrypoint when set (`[]` clears it).
+    pub entrypoint: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    /// Bind mounts "HOST:CONTAINER[:ro]"; HOST is a host path (placed under --root).
+    pub mounts: Vec<String>,
+    pub memory_mb: Option<u64>,
+}
+
+/// A health check: one of `http` (2xx expected) or `tcp` (connect), both templates. Set the
+/// other to `""` to switch a default check from one kind to the other, both to `""` for none.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Health {
+    pub http: Option<String>,
+    pub tcp: Option<String>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Consecutive failures that make a healthy task `unhealthy`.
+    pub unhealthy_threshold: u32,
+    /// Restart the task once it is unhealthy (default: only report it).
+    pub restart_when_unhealthy: bool,
+}
+
+impl Health {
+    /// The HTTP check URL template; `""` (set to switch a default to `tcp`) is none.
+    pub fn http(&self) -> Option<&str> {
+        self.http.as_deref().filter(|s| !s.is_empty())
+    }
+    /// The TCP check address template; `""` is none.
+    pub fn tcp(&self) -> Option<&str> {
+        self.tcp.as_deref().filter(|s| !s.is_empty())
+    }
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            http: None,
+            tcp: None,
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            unhealthy_threshold: 3,
+            restart_when_unhealthy: false,
         }
     }
 }
@@ -240,6 +348,20 @@ impl Settings {
                 problems.push(format!("ecs.config.{key}: {why}"));
             }
         }
+        if !self.ecs.join && self.runtime == RuntimeKind::Ecs {
+            problems.push(
+                "ecs.join = false needs runtime = \"docker\": ECS tasks need a container instance"
+                    .into(),
+            );
+        }
+        let sup = &self.supervision;
+        if sup.backoff_initial.is_zero() || sup.backoff_max < sup.backoff_initial {
+            problems.push("supervision: backoff_initial must be > 0 and <= backoff_max".into());
+        }
+        if sup.reconcile_interval.is_zero() || sup.crash_loop_restarts == 0 {
+            problems
+                .push("supervision: reconcile_interval and crash_loop_restarts must be > 0".into());
+        }
         let names: BTreeSet<&str> = self.enabled_tasks().map(|t| t.name).collect();
         for (name, task) in self.tasks.iter().filter(|(_, t)| t.enabled) {
             if task.family.as_deref() == Some("") {
@@ -258,6 +380,12 @@ impl Settings {
                         "tasks.{name}.dirs: {dir:?} must be an absolute path"
                     ));
                 }
+            }
+            if self.runtime == RuntimeKind::Docker {
+                problems.extend(check_container(name, &task.container));
+            }
+            if let Some(health) = &task.health {
+                problems.extend(check_health(name, health));
             }
             for (path, file) in &task.files {
                 let at = format!("tasks.{name}.files.{path:?}");
@@ -297,6 +425,43 @@ impl Settings {
             Err(problems)
         }
     }
+}
+
+fn check_container(task: &str, c: &Container) -> Vec<String> {
+    let mut problems = Vec::new();
+    if c.image.is_empty() {
+        problems.push(format!(
+            "tasks.{task}.container.image is empty: the docker runtime needs an image"
+        ));
+    }
+    for mount in &c.mounts {
+        let parts: Vec<&str> = mount.split(':').collect();
+        let ok = matches!(parts.as_slice(), [h, c] | [h, c, "ro" | "rw"] if h.starts_with('/') && c.starts_with('/'));
+        if !ok {
+            problems.push(format!(
+                "tasks.{task}.container.mounts: {mount:?} is not \"/host/path:/container/path[:ro]\""
+            ));
+        }
+    }
+    if c.memory_mb == Some(0) {
+        problems.push(format!("tasks.{task}.container.memory_mb must be > 0"));
+    }
+    problems
+}
+
+fn check_health(task: &str, h: &Health) -> Vec<String> {
+    let mut problems = Vec::new();
+    if h.http().is_some() && h.tcp().is_some() {
+        problems.push(format!(
+            "tasks.{task}.health: set one of `http` or `tcp` (the other to \"\")"
+        ));
+    }
+    if h.interval.is_zero() || h.timeout.is_zero() || h.unhealthy_threshold == 0 {
+        problems.push(format!(
+            "tasks.{task}.health: interval, timeout and unhealthy_threshold must be > 0"
+        ));
+    }
+    problems
 }
 
 fn valid_cluster_name(name: &str) -> bool {

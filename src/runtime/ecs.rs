@@ -1,133 +1,181 @@
-//! ECS runtime: owns making each enabled task exist exactly once as an ECS task on this node's
-//! container instance.
+//! ECS runtime: owns running the tasks as ECS tasks on this node's container instance, so they
+//! show up in ECS as the guide intends.
 //!
-//! Tasks are started with `startedBy = nodeagent/<instance-id>`. Before starting anything the
-//! runtime lists the tasks on the container instance and adopts those with our `startedBy` and
-//! the task's family that are RUNNING or on their way there, so reruns, ECS agent restarts and
-//! nodeagent restarts never create duplicates. Tasks start level by level in dependency order.
-//! A task ECS cannot place (`failures[]`: `RESOURCE:MEMORY`, `RESOURCE:PORTS`, …) is retried
-//! with backoff until `ecs.start_timeout`, logging the reason each time.
+//! Tasks are started with `startedBy = nodeagent/<instance-id>`; our instances are the tasks on
+//! this container instance with that `startedBy`, found with `ListTasks` (desired status
+//! RUNNING) and `DescribeTasks`. What is known about an ARN is remembered, so a healthy steady
+//! state costs one `ListTasks` per reconcile even with application tasks on the node. A task ECS
+//! cannot place (`failures[]`: `RESOURCE:MEMORY`, `RESOURCE:PORTS`, …) is retried with backoff
+//! until `ecs.start_timeout`, logging the reason each time.
+//!
+//! Deaths are seen early through the local Docker engine: the ECS agent labels each container
+//! with its task ARN, and a `die` of one of our tasks' containers triggers a `DescribeTasks`.
 
-use crate::config::TaskRef;
+use crate::docker::{Docker, DockerEvent};
 use crate::ecs::{Ecs, EcsTask, StartOutcome};
 use crate::retry::Backoff;
-use anyhow::bail;
-use futures_util::future::try_join_all;
-use serde::Serialize;
-use std::collections::BTreeMap;
+use crate::supervisor::{Exit, Instance, Runtime, RuntimeEvent};
+use anyhow::{anyhow, bail};
+use async_trait::async_trait;
+use futures_util::stream::BoxStream;
+use futures_util::StreamExt;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{info, warn, Instrument};
+use tracing::{debug, warn};
 
 /// Task statuses that mean "running or on its way": such a task is adopted, not replaced.
 const LIVE_STATUSES: &[&str] = &["PROVISIONING", "PENDING", "ACTIVATING", "RUNNING"];
+/// The ECS agent's container label naming the task.
+const LABEL_TASK_ARN: &str = "com.amazonaws.ecs.task-arn";
+/// After a container died, ECS may take a moment to report its task stopped.
+const DEATH_CHECKS: u32 = 4;
+const DEATH_CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// The `startedBy` marker of the tasks this node's nodeagent starts.
 pub fn started_by(instance_id: &str) -> String {
     format!("nodeagent/{instance_id}")
 }
 
-/// What happened to one task.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct TaskOutcome {
-    pub name: String,
-    pub family: String,
-    pub arn: String,
-    /// True when an existing task was adopted instead of starting one.
-    pub adopted: bool,
+pub struct EcsRuntime {
+    state: Arc<Shared>,
+    /// For events and output; without it the periodic reconcile alone notices deaths.
+    docker: Option<Arc<dyn Docker>>,
 }
 
-pub struct EcsRuntime<'a> {
-    pub ecs: &'a dyn Ecs,
-    pub cluster: &'a str,
-    pub container_instance: &'a str,
-    pub started_by: String,
-    pub start_timeout: Duration,
+struct Shared {
+    ecs: Arc<dyn Ecs>,
+    cluster: String,
+    container_instance: String,
+    started_by: String,
+    start_timeout: Duration,
+    /// family → task name.
+    tasks: BTreeMap<String, String>,
+    /// task ARN → our task's name, or `None` for someone else's task.
+    known: Mutex<HashMap<String, Option<String>>>,
 }
 
-impl EcsRuntime<'_> {
-    /// Adopts or starts every task of `levels`, one level after the other.
-    pub async fn ensure(&self, levels: &[Vec<TaskRef<'_>>]) -> anyhow::Result<Vec<TaskOutcome>> {
-        let mut live = self.live_tasks().await?;
-        let mut outcomes = Vec::new();
-        for level in levels {
-            let starts = level.iter().map(|task| {
-                let existing = live.remove(task.family).unwrap_or_default();
-                let span = tracing::info_span!("task", task = task.name);
-                self.ensure_one(task, existing).instrument(span)
-            });
-            outcomes.extend(try_join_all(starts).await?);
+impl EcsRuntime {
+    /// `tasks` are (task name, family) pairs.
+    pub fn new(
+        ecs: Arc<dyn Ecs>,
+        docker: Option<Arc<dyn Docker>>,
+        cluster: &str,
+        container_instance: &str,
+        instance_id: &str,
+        tasks: &[(String, String)],
+        start_timeout: Duration,
+    ) -> Self {
+        EcsRuntime {
+            state: Arc::new(Shared {
+                ecs,
+                cluster: cluster.to_string(),
+                container_instance: container_instance.to_string(),
+                started_by: started_by(instance_id),
+                start_timeout,
+                tasks: tasks.iter().map(|(n, f)| (f.clone(), n.clone())).collect(),
+                known: Mutex::new(HashMap::new()),
+            }),
+            docker,
         }
-        Ok(outcomes)
+    }
+}
+
+impl Shared {
+    fn known(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<String>>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Our live tasks on this container instance, by family.
-    async fn live_tasks(&self) -> anyhow::Result<BTreeMap<String, Vec<EcsTask>>> {
-        let arns = self
-            .ecs
-            .list_running_tasks(self.cluster, self.container_instance)
-            .await?;
-        let mut by_family: BTreeMap<String, Vec<EcsTask>> = BTreeMap::new();
-        if arns.is_empty() {
-            return Ok(by_family);
-        }
-        for task in self.ecs.describe_tasks(self.cluster, &arns).await? {
-            let ours = task.started_by.as_deref() == Some(self.started_by.as_str())
-                && task.desired_status == "RUNNING"
-                && LIVE_STATUSES.contains(&task.last_status.as_str());
-            if ours {
-                by_family.entry(task.family.clone()).or_default().push(task);
-            }
-        }
-        Ok(by_family)
-    }
-
-    async fn ensure_one(
-        &self,
-        task: &TaskRef<'_>,
-        existing: Vec<EcsTask>,
-    ) -> anyhow::Result<TaskOutcome> {
-        if let Some(first) = existing.first() {
-            if existing.len() > 1 {
-                warn!(
-                    family = task.family,
-                    tasks = ?existing.iter().map(|t| &t.arn).collect::<Vec<_>>(),
-                    "more than one task of this family carries our startedBy; adopting the first"
-                );
-            }
-            info!(arn = %first.arn, status = %first.last_status, "adopted running task");
-            return Ok(TaskOutcome {
-                name: task.name.to_string(),
-                family: task.family.to_string(),
-                arn: first.arn.clone(),
-                adopted: true,
-            });
-        }
-        let started = self.start(task).await?;
-        info!(arn = %started.arn, "started task");
-        Ok(TaskOutcome {
-            name: task.name.to_string(),
-            family: task.family.to_string(),
-            arn: started.arn,
-            adopted: false,
+    /// Our task's name for an ECS task, `None` when it is not ours or not live.
+    fn classify(&self, task: &EcsTask) -> Option<String> {
+        let ours = task.started_by.as_deref() == Some(self.started_by.as_str())
+            && task.desired_status == "RUNNING"
+            && LIVE_STATUSES.contains(&task.last_status.as_str());
+        ours.then(|| {
+            self.tasks
+                .get(&task.family)
+                .cloned()
+                // A family no longer configured: reported under its own name, then stopped.
+                .unwrap_or_else(|| format!("family:{}", task.family))
         })
     }
 
-    /// `StartTask`, retrying placement failures with backoff until the start timeout.
-    async fn start(&self, task: &TaskRef<'_>) -> anyhow::Result<EcsTask> {
-        let deadline = Instant::now() + self.start_timeout;
+    /// Whether the task ECS reports for `arn` has stopped (or is stopping).
+    async fn stopped(&self, arn: &str) -> anyhow::Result<bool> {
+        let tasks = self
+            .ecs
+            .describe_tasks(&self.cluster, &[arn.to_string()])
+            .await?;
+        Ok(tasks.first().is_none_or(|t| {
+            t.desired_status != "RUNNING" || !LIVE_STATUSES.contains(&t.last_status.as_str())
+        }))
+    }
+}
+
+#[async_trait]
+impl Runtime for EcsRuntime {
+    async fn instances(&self) -> anyhow::Result<Vec<Instance>> {
+        let s = &self.state;
+        let arns = s
+            .ecs
+            .list_running_tasks(&s.cluster, &s.container_instance)
+            .await?;
+        let unknown: Vec<String> = {
+            let known = s.known();
+            arns.iter()
+                .filter(|a| !known.contains_key(*a))
+                .cloned()
+                .collect()
+        };
+        let described = if unknown.is_empty() {
+            Vec::new()
+        } else {
+            s.ecs.describe_tasks(&s.cluster, &unknown).await?
+        };
+        let mut known = s.known();
+        for task in &described {
+            known.insert(task.arn.clone(), s.classify(task));
+        }
+        known.retain(|arn, _| arns.contains(arn));
+        Ok(arns
+            .iter()
+            .filter_map(|arn| {
+                let task = known.get(arn).cloned().flatten()?;
+                Some(Instance {
+                    task,
+                    id: arn.clone(),
+                    running: true,
+                    exit: None,
+                })
+            })
+            .collect())
+    }
+
+    async fn start(&self, task: &str) -> anyhow::Result<Instance> {
+        let s = &self.state;
+        let family = s
+            .tasks
+            .iter()
+            .find(|(_, name)| name.as_str() == task)
+            .map(|(f, _)| f.clone())
+            .ok_or_else(|| anyhow!("task {task} is not configured"))?;
+        let deadline = Instant::now() + s.start_timeout;
         let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
         loop {
-            let outcome = self
+            let failures = match s
                 .ecs
-                .start_task(
-                    self.cluster,
-                    task.family,
-                    self.container_instance,
-                    &self.started_by,
-                )
-                .await?;
-            let failures = match outcome {
-                StartOutcome::Started(t) => return Ok(t),
+                .start_task(&s.cluster, &family, &s.container_instance, &s.started_by)
+                .await?
+            {
+                StartOutcome::Started(t) => {
+                    s.known().insert(t.arn.clone(), Some(task.to_string()));
+                    return Ok(Instance {
+                        task: task.to_string(),
+                        id: t.arn,
+                        running: true,
+                        exit: None,
+                    });
+                }
                 StartOutcome::NotPlaced(f) => f,
             };
             let reasons: Vec<String> = failures
@@ -140,17 +188,82 @@ impl EcsRuntime<'_> {
             let delay = backoff.next_delay();
             if Instant::now() + delay > deadline {
                 bail!(
-                    "ECS could not place task {} (family {}) on {} within {:?}: {}; free the resources on this instance or raise ecs.start_timeout",
-                    task.name,
-                    task.family,
-                    self.container_instance,
-                    self.start_timeout,
+                    "ECS could not place task {task} (family {family}) on {} within {:?}: {}; free the resources on this instance or raise ecs.start_timeout",
+                    s.container_instance,
+                    s.start_timeout,
                     reasons.join(", ")
                 );
             }
-            warn!(reasons = %reasons.join(", "), retry_in = ?delay, "ECS could not place the task; retrying");
+            warn!(task, reasons = %reasons.join(", "), retry_in = ?delay, "ECS could not place the task; retrying");
             tokio::time::sleep(delay).await;
         }
+    }
+
+    async fn stop(&self, instance: &Instance) -> anyhow::Result<()> {
+        let s = &self.state;
+        s.ecs
+            .stop_task(&s.cluster, &instance.id, "stopped by nodeagent")
+            .await
+    }
+
+    async fn output_tail(&self, instance: &Instance, lines: usize) -> anyhow::Result<String> {
+        let docker = self
+            .docker
+            .as_ref()
+            .ok_or_else(|| anyhow!("no Docker engine to read {}'s output from", instance.id))?;
+        let containers = docker
+            .list(&[(LABEL_TASK_ARN.to_string(), instance.id.clone())])
+            .await?;
+        match containers.first() {
+            Some(c) => docker.logs_tail(&c.id, lines).await,
+            None => bail!(
+                "no container of {} on this node's Docker engine",
+                instance.id
+            ),
+        }
+    }
+
+    async fn events(&self) -> anyhow::Result<BoxStream<'static, anyhow::Result<RuntimeEvent>>> {
+        let docker = self
+            .docker
+            .clone()
+            .ok_or_else(|| anyhow!("no Docker engine: deaths are found by reconciling only"))?;
+        docker.ping().await?;
+        let state = self.state.clone();
+        let inspector = docker.clone();
+        let stream = docker.events(&[]).filter_map(move |event| {
+            let (state, docker) = (state.clone(), inspector.clone());
+            async move {
+                let (id, code) = match event {
+                    Ok(DockerEvent::Died { id, exit_code }) => (id, exit_code),
+                    Ok(_) => return None,
+                    Err(e) => return Some(Err(e)),
+                };
+                let labels = docker.inspect(&id).await.ok().flatten()?.labels;
+                let arn = labels.get(LABEL_TASK_ARN)?.clone();
+                if !matches!(state.known().get(&arn), Some(Some(_))) {
+                    return None; // not one of ours
+                }
+                for _ in 0..DEATH_CHECKS {
+                    match state.stopped(&arn).await {
+                        Ok(true) => {
+                            return Some(Ok(RuntimeEvent::Exited {
+                                id: arn,
+                                exit: Exit { code, reason: "container died; ECS task stopped".into() },
+                            }))
+                        }
+                        Ok(false) => tokio::time::sleep(DEATH_CHECK_EVERY).await,
+                        Err(e) => {
+                            debug!(%arn, error = %format!("{e:#}"), "cannot check the task");
+                            return None;
+                        }
+                    }
+                }
+                debug!(%arn, "a container died but ECS still reports the task running; the reconcile will look again");
+                None
+            }
+        });
+        Ok(stream.boxed())
     }
 }
 
@@ -158,7 +271,6 @@ impl EcsRuntime<'_> {
 mod tests {
     use super::*;
     use crate::ecs::PlacementFailure;
-    use async_trait::async_trait;
     use std::sync::Mutex;
 
     /// An in-memory ECS that records calls; `refuse` placement failures are returned first.
@@ -178,12 +290,33 @@ mod tests {
                 .lock()
                 .unwrap()
                 .iter()
+                .filter(|t| t.desired_status == "RUNNING")
                 .map(|t| t.arn.clone())
                 .collect())
         }
-        async fn describe_tasks(&self, _: &str, _: &[String]) -> anyhow::Result<Vec<EcsTask>> {
+        async fn describe_tasks(&self, _: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>> {
             self.calls.lock().unwrap().push("DescribeTasks".into());
-            Ok(self.tasks.lock().unwrap().clone())
+            Ok(self
+                .tasks
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|t| arns.contains(&t.arn))
+                .cloned()
+                .collect())
+        }
+        async fn stop_task(&self, _: &str, arn: &str, _: &str) -> anyhow::Result<()> {
+            self.calls.lock().unwrap().push("StopTask".into());
+            for t in self
+                .tasks
+                .lock()
+                .unwrap()
+                .iter_mut()
+                .filter(|t| t.arn == arn)
+            {
+                t.desired_status = "STOPPED".into();
+            }
+            Ok(())
         }
         async fn start_task(
             &self,
@@ -204,86 +337,61 @@ mod tests {
                     detail: None,
                 }]));
             }
-            let mut tasks = self.tasks.lock().unwrap();
-            let task = EcsTask {
-                arn: format!("arn:task/{}", tasks.len()),
-                family: family.into(),
-                started_by: Some(by.into()),
-                last_status: "PENDING".into(),
-                desired_status: "RUNNING".into(),
-                container_instance_arn: Some(ci.into()),
-            };
-            tasks.push(task.clone());
+            let task = task(&format!("arn:task/{family}"), family, by, ci);
+            self.tasks.lock().unwrap().push(task.clone());
             Ok(StartOutcome::Started(task))
         }
     }
 
-    fn levels() -> Vec<Vec<TaskRef<'static>>> {
-        let t = |name| TaskRef {
-            name,
-            family: name,
-            depends_on: &[],
-        };
-        vec![
-            vec![t("consul-agent")],
-            vec![t("consul-registrator"), t("linkerd")],
-        ]
-    }
-
-    fn runtime(ecs: &FakeEcs) -> EcsRuntime<'_> {
-        EcsRuntime {
-            ecs,
-            cluster: "c",
-            container_instance: "ci",
-            started_by: started_by("i-1"),
-            start_timeout: Duration::from_secs(5),
+    fn task(arn: &str, family: &str, by: &str, ci: &str) -> EcsTask {
+        EcsTask {
+            arn: arn.into(),
+            family: family.into(),
+            started_by: Some(by.into()),
+            last_status: "RUNNING".into(),
+            desired_status: "RUNNING".into(),
+            container_instance_arn: Some(ci.into()),
         }
     }
 
+    fn runtime(ecs: Arc<FakeEcs>) -> EcsRuntime {
+        let tasks = [("consul-agent", "consul-agent"), ("linkerd", "linkerd")]
+            .map(|(n, f)| (n.to_string(), f.to_string()));
+        EcsRuntime::new(ecs, None, "c", "ci", "i-1", &tasks, Duration::from_secs(5))
+    }
+
     #[tokio::test]
-    async fn starts_in_order_then_adopts_on_rerun() {
-        let ecs = FakeEcs::default();
-        let first = runtime(&ecs).ensure(&levels()).await.unwrap();
-        assert!(first.iter().all(|o| !o.adopted));
+    async fn finds_ours_and_describes_each_task_once() {
+        let ecs = Arc::new(FakeEcs::default());
+        ecs.tasks.lock().unwrap().extend([
+            task("arn:ours", "consul-agent", "nodeagent/i-1", "ci"),
+            task("arn:app", "hello-world", "ecs-svc/123", "ci"),
+            task("arn:old", "retired", "nodeagent/i-1", "ci"),
+        ]);
+        let rt = runtime(ecs.clone());
+        let found = rt.instances().await.unwrap();
+        let names: Vec<&str> = found.iter().map(|i| i.task.as_str()).collect();
+        assert_eq!(names, ["consul-agent", "family:retired"]);
+        rt.instances().await.unwrap();
         assert_eq!(
-            ecs.calls.lock().unwrap()[..2],
-            ["ListTasks", "StartTask consul-agent"]
+            *ecs.calls.lock().unwrap(),
+            ["ListTasks", "DescribeTasks", "ListTasks"],
+            "a steady state costs one call"
         );
-        let second = runtime(&ecs).ensure(&levels()).await.unwrap();
-        assert!(second.iter().all(|o| o.adopted));
-        assert_eq!(ecs.tasks.lock().unwrap().len(), 3);
-    }
-
-    #[tokio::test]
-    async fn foreign_and_stopped_tasks_are_not_adopted() {
-        let ecs = FakeEcs::default();
-        runtime(&ecs).ensure(&levels()).await.unwrap();
-        {
-            let mut tasks = ecs.tasks.lock().unwrap();
-            tasks[0].last_status = "STOPPED".into();
-            tasks[1].started_by = Some("someone-else".into());
-        }
-        let outcomes = runtime(&ecs).ensure(&levels()).await.unwrap();
-        let adopted: Vec<bool> = outcomes.iter().map(|o| o.adopted).collect();
-        assert_eq!(adopted, [false, false, true]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn placement_failures_are_retried_then_reported() {
-        let ecs = FakeEcs::default();
+        let ecs = Arc::new(FakeEcs::default());
         *ecs.refuse.lock().unwrap() = 2;
-        runtime(&ecs).ensure(&levels()).await.unwrap();
-        assert_eq!(ecs.tasks.lock().unwrap().len(), 3);
+        let started = runtime(ecs.clone()).start("consul-agent").await.unwrap();
+        assert_eq!(started.id, "arn:task/consul-agent");
 
-        let ecs = FakeEcs::default();
+        let ecs = Arc::new(FakeEcs::default());
         *ecs.refuse.lock().unwrap() = u32::MAX;
-        let err = runtime(&ecs)
-            .ensure(&levels())
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = runtime(ecs).start("linkerd").await.unwrap_err().to_string();
         assert!(
-            err.contains("RESOURCE:MEMORY") && err.contains("consul-agent"),
+            err.contains("RESOURCE:MEMORY") && err.contains("linkerd"),
             "{err}"
         );
     }

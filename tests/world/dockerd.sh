@@ -117,7 +117,8 @@ pids_with_arg() {
     [ "$p" = "$$" ] && continue
     # bash builtins only: no helper process of ours can show up as a match.
     args=()
-    mapfile -d '' args <"/proc/$p/cmdline" 2>/dev/null || continue
+    # Grouped so that 2>/dev/null also covers the redirection: a process may exit mid-scan.
+    { mapfile -d '' args <"/proc/$p/cmdline"; } 2>/dev/null || continue
     for a in "${args[@]}"; do
       if [ "$a" = "$needle" ]; then echo "$p"; break; fi
     done
