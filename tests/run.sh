@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Every test: formatting, lints, unit tests and the integration tests against the test world
-# (moto + fixtures, set up from nothing by tests/world/setup.sh). Exits non-zero on any failure.
+# (moto + fixtures and private Docker engines, set up from nothing by tests/world/setup.sh and
+# tests/world/dockerd.sh). Exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "run.sh: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
-bash tests/world/setup.sh >/dev/null   # the venv with moto; fails loudly if it cannot be made
+bash tests/world/setup.sh >/dev/null     # the venv with moto; fails loudly if it cannot be made
+bash tests/world/dockerd.sh install      # dockerd + busybox-static; the tests start private engines
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

@@ -4,119 +4,10 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::agent::{consul_http, docker_config, Agent, Ports};
 use support::docker::{free_port, Engine, IMAGE};
 use support::World;
-
-/// A running `nodeagent run` (no --once), its log in a file; SIGKILLed on drop.
-struct Agent {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Agent {
-    fn start(world: &World, engine: &Engine, config: &std::path::Path, name: &str) -> Agent {
-        Agent::start_with_docker(world, &engine.socket, config, name)
-    }
-
-    fn start_with_docker(
-        world: &World,
-        docker: &str,
-        config: &std::path::Path,
-        name: &str,
-    ) -> Agent {
-        let log = world.root.path().join(format!("{name}.log"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodeagent"));
-        cmd.args(["run", "--config"])
-            .arg(config)
-            .arg("--root")
-            .arg(world.root.path())
-            .env("DOCKER_HOST", docker)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
-        world.wire(&mut cmd);
-        Agent {
-            child: cmd.spawn().unwrap(),
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn sigkill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
-struct Ports {
-    consul: u16,
-    linkerd: u16,
-}
-
-/// The three tasks as busybox stand-ins: two HTTP servers and a sleeper; `consul_check` is
-/// consul-agent's health check line.
-fn docker_config(
-    world: &World,
-    ports: &Ports,
-    registrator_command: &str,
-    consul_check: &str,
-) -> PathBuf {
-    let path = world.root.path().join("docker.toml");
-    let text = format!(
-        r#"runtime = "docker"
-[ecs]
-join = false
-[supervision]
-backoff_initial = "200ms"
-backoff_max = "2s"
-reconcile_interval = "2s"
-stop_grace = "1s"
-[tasks.consul-agent.container]
-image = "{IMAGE}"
-command = ["httpd", "-f", "-p", "127.0.0.1:{c}", "-h", "/var/www"]
-mounts = []
-memory_mb = 32
-[tasks.consul-agent.health]
-{consul_check}
-interval = "500ms"
-[tasks.consul-registrator.container]
-image = "{IMAGE}"
-entrypoint = []
-command = {registrator_command}
-mounts = []
-[tasks.linkerd.container]
-image = "{IMAGE}"
-command = ["httpd", "-f", "-p", "127.0.0.1:{l}", "-h", "/var/www"]
-mounts = []
-[tasks.linkerd.health]
-http = "http://127.0.0.1:{l}/"
-interval = "500ms"
-"#,
-        c = ports.consul,
-        l = ports.linkerd,
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn consul_http(p: &Ports) -> String {
-    format!("http = \"http://127.0.0.1:{}/\"", p.consul)
-}
 
 const SLEEPER: &str = r#"["sleep", "100000"]"#;
 
@@ -180,7 +71,7 @@ fn a_killed_removed_or_crashed_container_is_replaced() {
     let agent = Agent::start(
         &world,
         &engine,
-        &docker_config(&world, &p, SLEEPER, &consul_http(&p)),
+        &docker_config(&world, &p, SLEEPER, &consul_http(&p), ""),
         "agent",
     );
     wait_for(Duration::from_secs(30), "three healthy tasks", || {
@@ -220,7 +111,7 @@ fn a_restarted_agent_adopts_its_containers_and_removes_strays() {
     let world = World::start(&[]);
     let engine = Engine::start();
     let p = ports();
-    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p));
+    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p), "");
     let mut first = Agent::start(&world, &engine, &config, "first");
     wait_for(Duration::from_secs(30), "three healthy tasks", || {
         all_three_once(&engine, &world) && http_ok(p.linkerd)
@@ -270,6 +161,7 @@ fn a_crash_looping_task_backs_off_to_the_cap_and_is_reported() {
         &p,
         r#"["sh", "-c", "echo boom from registrator; exit 3"]"#,
         &consul_http(&p),
+        "",
     );
     let agent = Agent::start(&world, &engine, &config, "agent");
     let started = Instant::now();
@@ -323,6 +215,7 @@ fn dependents_start_in_order_and_wait_for_a_healthy_dependency() {
         &p,
         SLEEPER,
         &format!("http = \"\"\ntcp = \"127.0.0.1:{dead_port}\""),
+        "",
     );
     let agent = Agent::start(&world, &engine, &config, "blocked");
     wait_for(Duration::from_secs(20), "consul-agent running", || {
@@ -343,7 +236,7 @@ fn dependents_start_in_order_and_wait_for_a_healthy_dependency() {
     let world = World::start(&[]);
     let engine2 = Engine::start();
     let p = ports();
-    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p));
+    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p), "");
     let _agent = Agent::start(&world, &engine2, &config, "ordered");
     wait_for(Duration::from_secs(30), "three tasks", || {
         all_three_once(&engine2, &world)
@@ -362,7 +255,7 @@ fn the_agent_survives_a_docker_engine_restart() {
     let mut agent = Agent::start(
         &world,
         &engine,
-        &docker_config(&world, &p, SLEEPER, &consul_http(&p)),
+        &docker_config(&world, &p, SLEEPER, &consul_http(&p), ""),
         "agent",
     );
     wait_for(Duration::from_secs(30), "three healthy tasks", || {

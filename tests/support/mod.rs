@@ -4,6 +4,7 @@
 //! venv, setup failure) fails the test loudly: nothing here skips.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod agent;
 pub mod docker;
 
 use serde::Deserialize;

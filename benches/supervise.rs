@@ -1,0 +1,314 @@
+//! Supervision benchmark (prints figures, asserts nothing): `cargo bench --bench supervise`.
+//!
+//! 1. Restart latency, docker runtime: a supervised container is killed 50 times; latency is
+//!    its `die` to its replacement's `start`, both on the Docker engine's clock.
+//! 2. Restart latency, ECS runtime: 50 times the container of an ECS task dies (and moto is told
+//!    the task stopped, as ECS would); latency is `die` to nodeagent's `StartTask` reaching the
+//!    emulator.
+//! 3. Idle cost over 60 s with three healthy supervised containers (docker runtime): RSS and CPU
+//!    of nodeagent; and ECS API calls per minute of an idle ECS-runtime nodeagent.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use bollard::query_parameters::EventsOptions;
+use futures_util::StreamExt;
+use std::collections::HashMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use support::agent::{consul_http, docker_config, Agent, Ports};
+use support::docker::{free_port, Engine, IMAGE};
+use support::World;
+
+const KILLS: usize = 50;
+const IDLE: Duration = Duration::from_secs(60);
+/// Reset the backoff quickly so every kill gets the immediate first restart.
+const FAST_RESET: &str = "backoff_reset_after = \"100ms\"\ncrash_loop_restarts = 1000";
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        docker_restart_latency().await;
+        ecs_restart_latency().await;
+        tokio::join!(docker_idle_cost(), ecs_idle_calls());
+    });
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ports() -> Ports {
+    Ports {
+        consul: free_port(),
+        linkerd: free_port(),
+    }
+}
+
+/// (action, container id, epoch seconds) of container events with `label`.
+fn events(
+    engine: &Engine,
+    label: &str,
+) -> futures_util::stream::BoxStream<'static, (String, String, f64)> {
+    // From now on, not from the first poll (the stream is lazy).
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+    let options = EventsOptions {
+        since: Some(format!("{}.{:09}", now.as_secs(), now.subsec_nanos())),
+        filters: Some(HashMap::from([
+            ("type".to_string(), vec!["container".to_string()]),
+            (
+                "event".to_string(),
+                vec!["die".to_string(), "start".to_string()],
+            ),
+            ("label".to_string(), vec![label.to_string()]),
+        ])),
+        ..Default::default()
+    };
+    engine
+        .raw()
+        .events(Some(options))
+        .filter_map(|m| async move {
+            let m = m.ok()?;
+            let id = m.actor?.id?;
+            Some((m.action?, id, m.time_nano? as f64 / 1e9))
+        })
+        .boxed()
+}
+
+fn task_container(engine: &Engine, world: &World, task: &str) -> String {
+    engine.cli(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=io.nodeagent.node={}", world.info.instance_id),
+        "--filter",
+        &format!("label=io.nodeagent.task={task}"),
+    ])
+}
+
+fn report(title: &str, ms: &[f64]) {
+    println!(
+        "{title} ({} kills): p50 {:.0} ms  p99 {:.0} ms  min {:.0} ms  max {:.0} ms",
+        ms.len(),
+        percentile(ms, 0.5),
+        percentile(ms, 0.99),
+        percentile(ms, 0.0),
+        percentile(ms, 1.0)
+    );
+}
+
+async fn docker_restart_latency() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let p = ports();
+    let config = docker_config(
+        &world,
+        &p,
+        r#"["sleep", "100000"]"#,
+        &consul_http(&p),
+        FAST_RESET,
+    );
+    let _agent = Agent::start(&world, &engine, &config, "bench");
+    let mut stream = events(&engine, "io.nodeagent.task=consul-registrator");
+    while task_container(&engine, &world, "consul-registrator").is_empty() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut latencies = Vec::new();
+    for _ in 0..KILLS {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let victim = task_container(&engine, &world, "consul-registrator");
+        engine.cli(&["kill", &victim]);
+        let mut died = None;
+        while let Some((action, id, at)) = stream.next().await {
+            match action.as_str() {
+                "die" if victim.starts_with(&id[..12]) || id.starts_with(&victim) => {
+                    died = Some(at)
+                }
+                "start" if died.is_some() => {
+                    latencies.push((at - died.unwrap()) * 1e3);
+                    break;
+                }
+                _ => {}
+            }
+        }
+    }
+    report(
+        "restart latency, docker runtime: die -> replacement started",
+        &latencies,
+    );
+}
+
+async fn ecs_restart_latency() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let config = world.config(&format!(
+        "[supervision]\nreconcile_interval = \"10m\"\n{FAST_RESET}\n"
+    ));
+    let _agent = Agent::start_with_docker(&world, &engine.socket, &config, "bench");
+    let ecs = aws_sdk_ecs::Client::new(&world.sdk().await);
+    let linkerd = || async {
+        world
+            .running_tasks()
+            .await
+            .into_iter()
+            .find(|(family, _, _)| family == "linkerd")
+            .map(|(_, _, arn)| arn)
+    };
+    let mut stream = events(
+        &engine,
+        &format!("com.amazonaws.ecs.cluster={}", world.info.cluster),
+    );
+    let mut latencies = Vec::new();
+    let mut current = None;
+    for _ in 0..KILLS {
+        // The replacement is running (and healthy past the reset) before the next kill.
+        loop {
+            if let Some(arn) = linkerd().await {
+                if Some(&arn) != current.as_ref() {
+                    current = Some(arn);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let arn = current.clone().unwrap();
+        let container = engine.cli(&[
+            "run",
+            "-d",
+            "--network",
+            "host",
+            "--label",
+            &format!("com.amazonaws.ecs.task-arn={arn}"),
+            "--label",
+            &format!("com.amazonaws.ecs.cluster={}", world.info.cluster),
+            IMAGE,
+            "sleep",
+            "100000",
+        ]);
+        ecs.stop_task()
+            .cluster(&world.info.cluster)
+            .task(&arn)
+            .send()
+            .await
+            .unwrap();
+        let stats = world
+            .control("GET", "/stats", serde_json::Value::Null)
+            .await;
+        let starts = stats["aws"]["by_operation"]["ecs:StartTask"]
+            .as_u64()
+            .unwrap_or(0);
+        engine.cli(&["kill", &container]);
+        let died = loop {
+            let (action, id, at) = stream.next().await.unwrap();
+            if action == "die" && id.starts_with(&container[..12]) {
+                break at;
+            }
+        };
+        let issued = loop {
+            let stats = world
+                .control("GET", "/stats", serde_json::Value::Null)
+                .await;
+            if stats["aws"]["by_operation"]["ecs:StartTask"]
+                .as_u64()
+                .unwrap_or(0)
+                > starts
+            {
+                break SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs_f64();
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        latencies.push((issued - died) * 1e3);
+        engine.cli(&["rm", "-f", &container]);
+    }
+    report(
+        "restart latency, ECS runtime: die -> StartTask issued",
+        &latencies,
+    );
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(") ")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+async fn docker_idle_cost() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let p = ports();
+    // Default health-check interval (5 s) and reconcile (60 s).
+    let config = docker_config(&world, &p, r#"["sleep", "100000"]"#, &consul_http(&p), "");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("interval = \"500ms\"\n", "")
+        .replace("reconcile_interval = \"2s\"\n", "");
+    std::fs::write(&config, text).unwrap();
+    let agent = Agent::start(&world, &engine, &config, "idle");
+    let pid = agent.child.id();
+    while !agent.log().contains("to=Healthy")
+        || task_container(&engine, &world, "linkerd").is_empty()
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (cpu0, t0) = (cpu_seconds(pid), Instant::now());
+    tokio::time::sleep(IDLE).await;
+    let cpu = (cpu_seconds(pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    println!(
+        "idle, docker runtime, 3 healthy containers over {}s: RSS {:.1} MB, CPU {:.3} % of one core",
+        IDLE.as_secs(),
+        rss_kib(pid) as f64 / 1024.0,
+        cpu
+    );
+}
+
+async fn ecs_idle_calls() {
+    let world = World::start(&[]);
+    let config = world.config("");
+    let agent =
+        Agent::start_with_docker(&world, "unix:///nonexistent/docker.sock", &config, "idle");
+    while !agent.log().contains("started task=linkerd") && !agent.log().contains("adopted") {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    world
+        .control("POST", "/stats/reset", serde_json::json!({}))
+        .await;
+    let pid = agent.child.id();
+    tokio::time::sleep(IDLE).await;
+    let stats = world
+        .control("GET", "/stats", serde_json::Value::Null)
+        .await;
+    println!(
+        "idle, ECS runtime over {}s: {} ECS/EC2 API calls ({}), RSS {:.1} MB",
+        IDLE.as_secs(),
+        stats["aws"]["total"],
+        stats["aws"]["by_operation"],
+        rss_kib(pid) as f64 / 1024.0
+    );
+}
