@@ -3,8 +3,8 @@
 //! 1. Restart latency, docker runtime: a supervised container is killed 50 times; latency is
 //!    its `die` to its replacement's `start`, both on the Docker engine's clock.
 //! 2. Restart latency, ECS runtime: 50 times the container of an ECS task dies (and moto is told
-//!    the task stopped, as ECS would); latency is `die` to nodeagent's `StartTask` reaching the
-//!    emulator.
+//!    the task stopped, as ECS would); latency is `die` (engine clock) to nodeagent's log line
+//!    saying `StartTask` answered (same machine clock).
 //! 3. Idle cost over 60 s with three healthy supervised containers (docker runtime): RSS and CPU
 //!    of nodeagent; and ECS API calls per minute of an idle ECS-runtime nodeagent.
 
@@ -106,19 +106,14 @@ async fn docker_restart_latency() {
     let world = World::start(&[]);
     let engine = Engine::start();
     let p = ports();
-    let config = docker_config(
-        &world,
-        &p,
-        r#"["sleep", "100000"]"#,
-        &consul_http(&p),
-        FAST_RESET,
-    );
-    let _agent = Agent::start(&world, &engine, &config, "bench");
+    let sleeper = r#"["sleep", "100000"]"#;
+    let config = docker_config(&world, &p, sleeper, &consul_http(&p), FAST_RESET);
+    let agent = Agent::start(&world, &engine, &config, "bench");
     let mut stream = events(&engine, "io.nodeagent.task=consul-registrator");
     while task_container(&engine, &world, "consul-registrator").is_empty() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let mut latencies = Vec::new();
+    let (mut latencies, mut reactions) = (Vec::new(), Vec::new());
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let victim = task_container(&engine, &world, "consul-registrator");
@@ -126,11 +121,18 @@ async fn docker_restart_latency() {
         let mut died = None;
         while let Some((action, id, at)) = stream.next().await {
             match action.as_str() {
-                "die" if victim.starts_with(&id[..12]) || id.starts_with(&victim) => {
-                    died = Some(at)
-                }
+                "die" if id.starts_with(&victim) => died = Some(at),
                 "start" if died.is_some() => {
-                    latencies.push((at - died.unwrap()) * 1e3);
+                    let died = died.unwrap();
+                    latencies.push((at - died) * 1e3);
+                    // nodeagent logs "task exited; restarting" as it sends the create request.
+                    let log = agent.log();
+                    let noticed = log
+                        .lines()
+                        .rfind(|l| l.contains("task exited; restarting task=consul-registrator"))
+                        .map(log_time)
+                        .unwrap_or(at);
+                    reactions.push((noticed - died) * 1e3);
                     break;
                 }
                 _ => {}
@@ -141,6 +143,10 @@ async fn docker_restart_latency() {
         "restart latency, docker runtime: die -> replacement started",
         &latencies,
     );
+    report(
+        "  of which nodeagent's part: die -> replacement created",
+        &reactions,
+    );
 }
 
 async fn ecs_restart_latency() {
@@ -149,7 +155,7 @@ async fn ecs_restart_latency() {
     let config = world.config(&format!(
         "[supervision]\nreconcile_interval = \"10m\"\n{FAST_RESET}\n"
     ));
-    let _agent = Agent::start_with_docker(&world, &engine.socket, &config, "bench");
+    let agent = Agent::start_with_docker(&world, &engine.socket, &config, "bench");
     let ecs = aws_sdk_ecs::Client::new(&world.sdk().await);
     let linkerd = || async {
         world
@@ -159,14 +165,12 @@ async fn ecs_restart_latency() {
             .find(|(family, _, _)| family == "linkerd")
             .map(|(_, _, arn)| arn)
     };
-    let mut stream = events(
-        &engine,
-        &format!("com.amazonaws.ecs.cluster={}", world.info.cluster),
-    );
+    let cluster_label = format!("com.amazonaws.ecs.cluster={}", world.info.cluster);
+    let mut stream = events(&engine, &cluster_label);
     let mut latencies = Vec::new();
     let mut current = None;
     for _ in 0..KILLS {
-        // The replacement is running (and healthy past the reset) before the next kill.
+        // The replacement is running (and past the backoff reset) before the next kill.
         loop {
             if let Some(arn) = linkerd().await {
                 if Some(&arn) != current.as_ref() {
@@ -178,6 +182,7 @@ async fn ecs_restart_latency() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let arn = current.clone().unwrap();
+        // What the ECS agent runs for that task: a container labelled with its ARN.
         let container = engine.cli(&[
             "run",
             "-d",
@@ -186,7 +191,7 @@ async fn ecs_restart_latency() {
             "--label",
             &format!("com.amazonaws.ecs.task-arn={arn}"),
             "--label",
-            &format!("com.amazonaws.ecs.cluster={}", world.info.cluster),
+            &cluster_label,
             IMAGE,
             "sleep",
             "100000",
@@ -197,12 +202,7 @@ async fn ecs_restart_latency() {
             .send()
             .await
             .unwrap();
-        let stats = world
-            .control("GET", "/stats", serde_json::Value::Null)
-            .await;
-        let starts = stats["aws"]["by_operation"]["ecs:StartTask"]
-            .as_u64()
-            .unwrap_or(0);
+        let restarts = agent.log().matches("started task=linkerd").count();
         engine.cli(&["kill", &container]);
         let died = loop {
             let (action, id, at) = stream.next().await.unwrap();
@@ -210,29 +210,32 @@ async fn ecs_restart_latency() {
                 break at;
             }
         };
-        let issued = loop {
-            let stats = world
-                .control("GET", "/stats", serde_json::Value::Null)
-                .await;
-            if stats["aws"]["by_operation"]["ecs:StartTask"]
-                .as_u64()
-                .unwrap_or(0)
-                > starts
-            {
-                break SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap()
-                    .as_secs_f64();
+        // nodeagent logs "started task=linkerd" once StartTask has answered.
+        let answered = loop {
+            let log = agent.log();
+            if log.matches("started task=linkerd").count() > restarts {
+                let line = log
+                    .lines()
+                    .rfind(|l| l.contains("started task=linkerd"))
+                    .unwrap();
+                break log_time(line);
             }
-            tokio::time::sleep(Duration::from_millis(2)).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        latencies.push((issued - died) * 1e3);
+        latencies.push((answered - died) * 1e3);
         engine.cli(&["rm", "-f", &container]);
     }
     report(
-        "restart latency, ECS runtime: die -> StartTask issued",
+        "restart latency, ECS runtime: die -> StartTask answered",
         &latencies,
     );
+}
+
+/// The epoch seconds of a log line's RFC 3339 timestamp ("2026-11-23T16:17:02.165889Z ...").
+fn log_time(line: &str) -> f64 {
+    let stamp = line.split_whitespace().next().unwrap();
+    let t = humantime::parse_rfc3339(stamp).unwrap();
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
 }
 
 /// utime + stime of a process, in seconds.

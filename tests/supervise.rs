@@ -4,6 +4,7 @@
 mod support;
 
 use std::collections::BTreeMap;
+use std::process::Command;
 use std::time::{Duration, Instant};
 use support::agent::{consul_http, docker_config, Agent, Ports};
 use support::docker::{free_port, Engine, IMAGE};
@@ -102,8 +103,27 @@ fn a_killed_removed_or_crashed_container_is_replaced() {
     wait_for(Duration::from_secs(15), "all healthy again", || {
         all_three_once(&engine, &world) && http_ok(p.consul) && http_ok(p.linkerd)
     });
+    let mut agent = agent;
     let log = agent.log();
     assert!(log.contains("task exited; restarting"), "{log}");
+
+    // SIGTERM stops nodeagent alone: the node keeps its tasks.
+    let before = running(&engine, &world);
+    sigterm(agent.child.id());
+    wait_for(Duration::from_secs(10), "nodeagent to exit", || {
+        !agent.alive()
+    });
+    assert!(agent.log().contains("stopping; the tasks keep running"));
+    assert_eq!(running(&engine, &world), before);
+}
+
+fn sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
 }
 
 #[test]

@@ -200,6 +200,9 @@ impl Runtime for EcsRuntime {
     }
 
     async fn stop(&self, instance: &Instance) -> anyhow::Result<()> {
+        if !instance.running {
+            return Ok(()); // ECS already stopped it: nothing is left to clean up
+        }
         let s = &self.state;
         s.ecs
             .stop_task(&s.cluster, &instance.id, "stopped by nodeagent")

@@ -243,7 +243,7 @@ impl Supervisor {
             tokio::select! {
                 _ = &mut shutdown, if until == Until::Shutdown => return Ok(()),
                 event = next_event(&mut events) => match event {
-                    Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, &mut jobs),
+                    Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {
                         warn!(error = %format!("{e:#}"), "lost the runtime's event stream; reconnecting");
                         events = None;
@@ -305,12 +305,21 @@ impl Supervisor {
                 let name = slot.spec.name.clone();
                 let dead = slot.dead.take();
                 jobs.spawn(async move {
-                    if let Some(dead) = dead {
-                        if let Err(e) = runtime.stop(&dead).await {
-                            debug!(task = %name, error = %format!("{e:#}"), "could not remove the dead instance");
-                        }
+                    // A live instance (restarted for being unhealthy) may hold ports: it goes
+                    // first. A dead one is removed after its replacement started, off the
+                    // restart's critical path.
+                    let (before, after) = match dead {
+                        Some(d) if d.running => (Some(d), None),
+                        d => (None, d),
+                    };
+                    if let Some(old) = &before {
+                        remove_old(runtime.as_ref(), old).await;
                     }
-                    Job::Started(i, runtime.start(&name).await)
+                    let started = runtime.start(&name).await;
+                    if let Some(old) = &after {
+                        remove_old(runtime.as_ref(), old).await;
+                    }
+                    Job::Started(i, started)
                 });
             }
             if let (Some(inst), Some(probe)) = (&slot.instance, &slot.spec.probe) {
@@ -338,7 +347,10 @@ impl Supervisor {
                 let id = instance.id.clone();
                 self.adopt(i, instance);
                 if let Some(exit) = self.unclaimed_exits.remove(&id) {
-                    self.on_exited(&id, exit, jobs);
+                    self.on_exited(&id, exit, false, jobs);
+                }
+                if !self.slots.iter().any(|s| s.busy) {
+                    self.unclaimed_exits.clear(); // nothing in flight can claim them any more
                 }
             }
             Job::Started(i, Err(e)) if self.until == Until::AllStarted => {
@@ -406,6 +418,7 @@ impl Supervisor {
                                 code: None,
                                 reason: format!("unhealthy: {why}"),
                             },
+                            true,
                             jobs,
                         );
                     }
@@ -431,7 +444,8 @@ impl Supervisor {
         }
     }
 
-    fn on_exited(&mut self, id: &str, exit: Exit, jobs: &mut JoinSet<Job>) {
+    /// The task's instance `id` ended (`still_running`: is being replaced while it runs).
+    fn on_exited(&mut self, id: &str, exit: Exit, still_running: bool, jobs: &mut JoinSet<Job>) {
         let Some(i) = self
             .slots
             .iter()
@@ -445,7 +459,8 @@ impl Supervisor {
         let policy = self.policy.clone();
         let now = Instant::now();
         let slot = &mut self.slots[i];
-        let dead = slot.instance.take().expect("matched above");
+        let mut dead = slot.instance.take().expect("matched above");
+        dead.running = still_running;
         let healthy_long = slot
             .healthy_since
             .is_some_and(|t| t.elapsed() >= policy.backoff_reset_after);
@@ -562,7 +577,7 @@ impl Supervisor {
                             code: None,
                             reason: "exited".into(),
                         });
-                        self.on_exited(id, exit, jobs);
+                        self.on_exited(id, exit, false, jobs);
                     }
                     None => self.on_exited(
                         id,
@@ -570,6 +585,7 @@ impl Supervisor {
                             code: None,
                             reason: "gone".into(),
                         },
+                        false,
                         jobs,
                     ),
                 }
@@ -663,6 +679,12 @@ fn backoff(policy: &Supervision, failures: u32) -> Duration {
         .saturating_mul(1 << exp)
         .min(policy.backoff_max);
     jitter(d)
+}
+
+async fn remove_old(runtime: &dyn Runtime, old: &Instance) {
+    if let Err(e) = runtime.stop(old).await {
+        debug!(task = %old.task, id = %old.id, error = %format!("{e:#}"), "could not remove the old instance");
+    }
 }
 
 async fn next_event(
