@@ -144,7 +144,7 @@ async fn docker_restart_latency() {
         &latencies,
     );
     report(
-        "  of which nodeagent's part: die -> replacement created",
+        "  of which nodeagent noticing it: die -> restart decided (log)",
         &reactions,
     );
 }
