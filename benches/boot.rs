@@ -52,14 +52,8 @@ async fn wait_agent_up(world: &World) {
 
 /// Stops the node's tasks so the next boot starts three again.
 async fn stop_tasks(world: &World) {
-    let ecs = aws_sdk_ecs::Client::new(&world.sdk().await);
     for (_, _, arn) in world.running_tasks().await {
-        ecs.stop_task()
-            .cluster(&world.info.cluster)
-            .task(arn)
-            .send()
-            .await
-            .unwrap();
+        world.stop_ecs_task(&arn).await;
     }
 }
 

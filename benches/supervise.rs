@@ -16,7 +16,7 @@ use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::agent::{consul_http, docker_config, Agent, Ports};
-use support::docker::{free_port, Engine, IMAGE};
+use support::docker::{free_port, Engine};
 use support::World;
 
 const KILLS: usize = 50;
@@ -156,7 +156,6 @@ async fn ecs_restart_latency() {
         "[supervision]\nreconcile_interval = \"10m\"\n{FAST_RESET}\n"
     ));
     let agent = Agent::start_with_docker(&world, &engine.socket, &config, "bench");
-    let ecs = aws_sdk_ecs::Client::new(&world.sdk().await);
     let linkerd = || async {
         world
             .running_tasks()
@@ -182,26 +181,9 @@ async fn ecs_restart_latency() {
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         let arn = current.clone().unwrap();
-        // What the ECS agent runs for that task: a container labelled with its ARN.
-        let container = engine.cli(&[
-            "run",
-            "-d",
-            "--network",
-            "host",
-            "--label",
-            &format!("com.amazonaws.ecs.task-arn={arn}"),
-            "--label",
-            &cluster_label,
-            IMAGE,
-            "sleep",
-            "100000",
-        ]);
-        ecs.stop_task()
-            .cluster(&world.info.cluster)
-            .task(&arn)
-            .send()
-            .await
-            .unwrap();
+        // What the ECS agent runs for that task.
+        let container = engine.run_ecs_container(&arn, &world.info.cluster);
+        world.stop_ecs_task(&arn).await;
         let restarts = agent.log().matches("started task=linkerd").count();
         engine.cli(&["kill", &container]);
         let died = loop {

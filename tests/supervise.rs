@@ -325,16 +325,6 @@ where
     panic!("timed out waiting for {what}");
 }
 
-async fn stop_in_ecs(world: &World, arn: &str) {
-    let ecs = aws_sdk_ecs::Client::new(&world.sdk().await);
-    ecs.stop_task()
-        .cluster(&world.info.cluster)
-        .task(arn)
-        .send()
-        .await
-        .unwrap();
-}
-
 /// An engine address where nothing listens: the ECS runtime then relies on its reconcile.
 const NO_DOCKER: &str = "unix:///nonexistent/docker.sock";
 
@@ -353,7 +343,7 @@ async fn ecs_a_stopped_task_is_started_again_by_the_reconcile_and_adopted_after_
         .find(|(f, _)| f == "consul-agent")
         .unwrap()
         .clone();
-    stop_in_ecs(&world, &consul_arn).await;
+    world.stop_ecs_task(&consul_arn).await;
     wait_async(
         Duration::from_secs(20),
         "consul-agent started again",
@@ -409,22 +399,10 @@ async fn ecs_a_dead_container_triggers_a_check_and_a_new_start_without_waiting_f
         .into_iter()
         .find(|(f, _)| f == "linkerd")
         .unwrap();
-    // What the ECS agent would run for that task: a container labelled with its ARN.
-    let container = engine.cli(&[
-        "run",
-        "-d",
-        "--network",
-        "host",
-        "--label",
-        &format!("com.amazonaws.ecs.task-arn={linkerd_arn}"),
-        "--label",
-        &format!("com.amazonaws.ecs.cluster={}", world.info.cluster),
-        IMAGE,
-        "sleep",
-        "100000",
-    ]);
+    // What the ECS agent would run for that task.
+    let container = engine.run_ecs_container(&linkerd_arn, &world.info.cluster);
     // The container dies and ECS stops the task, as it does when an essential container exits.
-    stop_in_ecs(&world, &linkerd_arn).await;
+    world.stop_ecs_task(&linkerd_arn).await;
     let killed = Instant::now();
     engine.cli(&["kill", &container]);
     wait_async(Duration::from_secs(10), "linkerd started again", || async {

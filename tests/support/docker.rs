@@ -113,6 +113,24 @@ impl Engine {
         self.dir.path()
     }
 
+    /// What the ECS agent would run for a task: a container labelled with its ARN and cluster.
+    /// Returns its id.
+    pub fn run_ecs_container(&self, task_arn: &str, cluster: &str) -> String {
+        self.cli(&[
+            "run",
+            "-d",
+            "--network",
+            "host",
+            "--label",
+            &format!("com.amazonaws.ecs.task-arn={task_arn}"),
+            "--label",
+            &format!("com.amazonaws.ecs.cluster={cluster}"),
+            IMAGE,
+            "sleep",
+            "100000",
+        ])
+    }
+
     /// The docker CLI pointed at this engine.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("docker")

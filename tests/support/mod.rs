@@ -223,6 +223,17 @@ impl World {
         tasks
     }
 
+    /// `StopTask` in the emulated ECS, as ECS does when a task's essential container exits.
+    pub async fn stop_ecs_task(&self, arn: &str) {
+        aws_sdk_ecs::Client::new(&self.sdk().await)
+            .stop_task()
+            .cluster(&self.info.cluster)
+            .task(arn)
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// A call to the world's control API.
     pub async fn control(
         &self,
