@@ -298,6 +298,63 @@ fn the_agent_survives_a_docker_engine_restart() {
     assert!(agent.log().contains("reconnected"), "{}", agent.log());
 }
 
+#[test]
+fn opt_in_restarts_with_a_dependency_and_when_unhealthy() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let p = ports();
+    // registrator's check is a listener the test owns, so the test can make it fail.
+    let target = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p), "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(&format!(
+        "[tasks.linkerd]\nrestart_with_dependencies = true\n\
+         [tasks.consul-registrator.health]\ntcp = \"{}\"\ninterval = \"300ms\"\n\
+         unhealthy_threshold = 2\nrestart_when_unhealthy = true\n",
+        target.local_addr().unwrap()
+    ));
+    std::fs::write(&config, text).unwrap();
+    let agent = Agent::start(&world, &engine, &config, "agent");
+    wait_for(Duration::from_secs(30), "three healthy tasks", || {
+        all_three_once(&engine, &world) && http_ok(p.linkerd)
+    });
+
+    // consul-agent restarts: linkerd (opted in) follows, registrator (not opted in) stays.
+    let before = running(&engine, &world);
+    engine.cli(&["kill", &before["consul-agent"][0]]);
+    wait_for(
+        Duration::from_secs(20),
+        "linkerd restarted with consul-agent",
+        || {
+            let now = running(&engine, &world);
+            now.len() == 3
+                && now["consul-agent"] != before["consul-agent"]
+                && now["linkerd"] != before["linkerd"]
+                && http_ok(p.linkerd)
+        },
+    );
+    assert_eq!(
+        running(&engine, &world)["consul-registrator"],
+        before["consul-registrator"]
+    );
+
+    // registrator's check starts failing: after 2 failures it is restarted.
+    let before = running(&engine, &world);
+    drop(target);
+    wait_for(
+        Duration::from_secs(20),
+        "the unhealthy registrator restarted",
+        || {
+            running(&engine, &world)
+                .get("consul-registrator")
+                .is_some_and(|ids| ids.len() == 1 && ids != &before["consul-registrator"])
+        },
+    );
+    let log = agent.log();
+    assert!(log.contains("restarting with its dependency"), "{log}");
+    assert!(log.contains("restarting the unhealthy task"), "{log}");
+}
+
 // ---- ECS runtime: tasks in the emulated ECS (moto) ----
 
 /// `(family, ARN)` of this node's RUNNING tasks.
