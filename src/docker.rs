@@ -104,8 +104,6 @@ pub trait Docker: Send + Sync {
     async fn run(&self, spec: &ContainerSpec) -> anyhow::Result<String>;
     /// Stop with a grace period, then remove (force); a missing container is not an error.
     async fn stop_and_remove(&self, id: &str, grace: Duration) -> anyhow::Result<()>;
-    /// Remove a container that is not running (force); missing is fine.
-    async fn remove(&self, id: &str) -> anyhow::Result<()>;
     /// The last `lines` lines of stdout+stderr.
     async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String>;
     /// Container events for containers carrying every given label, from now on. The stream ends
@@ -554,13 +552,6 @@ impl Docker for BollardDocker {
         engine
             .within(grace.saturating_add(CALL_TIMEOUT), what, call)
             .await
-    }
-
-    async fn remove(&self, id: &str) -> anyhow::Result<()> {
-        let engine = &self.engine;
-        let what = || format!("removing container {id}");
-        let call = async { engine.remove(&engine.client().await?, id).await };
-        engine.within(CALL_TIMEOUT, what, call).await
     }
 
     async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String> {

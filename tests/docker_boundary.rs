@@ -153,10 +153,6 @@ async fn runs_lists_inspects_follows_and_removes_a_server() {
         .stop_and_remove(&id, Duration::from_secs(5))
         .await
         .expect("stop_and_remove of a missing container");
-    docker
-        .remove(&id)
-        .await
-        .expect("remove of a missing container");
     assert!(docker.list(&label_list).await.unwrap().is_empty());
 }
 
@@ -235,7 +231,10 @@ async fn reports_exit_code_and_logs_of_a_failing_command() {
     let last = docker.logs_tail(&id, 1).await.expect("logs");
     assert_eq!(last.lines().count(), 1, "{last:?}");
 
-    docker.remove(&id).await.expect("remove");
+    docker
+        .stop_and_remove(&id, Duration::ZERO)
+        .await
+        .expect("remove");
     assert_eq!(docker.inspect(&id).await.unwrap(), None);
     let err = docker.logs_tail(&id, 10).await.unwrap_err();
     eprintln!("logs of a removed container: {err:#}");
@@ -345,7 +344,7 @@ async fn host_config_memory_env_binds_and_entrypoint() {
     let config = inspected.config.expect("Config");
     // The engine keeps the reset as an empty list.
     assert_eq!(config.entrypoint.unwrap_or_default(), Vec::<String>::new());
-    docker.remove(&id).await.unwrap();
+    docker.stop_and_remove(&id, Duration::ZERO).await.unwrap();
 
     // Without the reset, the image's entrypoint runs (with the command as its arguments).
     let id = docker
@@ -374,7 +373,7 @@ async fn host_config_memory_env_binds_and_entrypoint() {
         .config
         .unwrap();
     assert_eq!(config.entrypoint, Some(strings(&["/bin/false"])));
-    docker.remove(&id).await.unwrap();
+    docker.stop_and_remove(&id, Duration::ZERO).await.unwrap();
 }
 
 #[tokio::test]
