@@ -240,12 +240,7 @@ fn render_files(
     container_instance: Option<&str>,
     fs: &dyn HostFs,
 ) -> anyhow::Result<Vec<RenderedFile>> {
-    let read_template = |path: &str| -> anyhow::Result<String> {
-        let bytes = fs
-            .read(path)?
-            .ok_or_else(|| anyhow!("{path} does not exist"))?;
-        String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8 text"))
-    };
+    let read_template = |path: &str| read_text(fs, path);
     let renderer = Renderer::new(settings, &read_template)?;
     let files = renderer.render(&context(settings, facts, servers, container_instance))?;
     for task in settings.enabled_tasks() {
@@ -263,6 +258,14 @@ fn render_files(
         }
     }
     Ok(files)
+}
+
+/// A UTF-8 text file of the host (a user template).
+pub fn read_text(fs: &dyn HostFs, path: &str) -> anyhow::Result<String> {
+    let bytes = fs
+        .read(path)?
+        .ok_or_else(|| anyhow!("{path} does not exist"))?;
+    String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8 text"))
 }
 
 /// What templates see.

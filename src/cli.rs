@@ -12,6 +12,7 @@ use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
 use crate::imds::AwsImds;
+use crate::render::{self, Renderer};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::ecs::EcsRuntime;
 use crate::supervisor::{Runtime, Supervisor, Until};
@@ -53,6 +54,21 @@ enum Command {
     },
     /// Join the ECS cluster (write ecs.config) without touching the network: run before ecs.service.
     Prepare {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate the configuration without touching AWS: types, unknown keys (file:line:col),
+    /// dependency cycles, paths, templates compile. Exit 0 valid, 2 not (for the AMI build).
+    Check {
         #[command(flatten)]
         common: Common,
     },
@@ -117,7 +133,40 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run { common, once } => run(&common, once).await,
+        Command::Config {
+            command: ConfigCommand::Check { common },
+        } => check_config(&common),
     }
+}
+
+/// Everything that can be checked without the node: the settings, then every template.
+fn check_config(common: &Common) -> anyhow::Result<()> {
+    let settings = load_settings(common)?;
+    let fs = RootedFs::new(&common.root);
+    let invalid = |e: anyhow::Error| ConfigError::Invalid(vec![format!("{e:#}")]);
+    Renderer::new(&settings, &|path: &str| boot::read_text(&fs, path)).map_err(invalid)?;
+    let mut files = 0;
+    for task in settings.enabled_tasks() {
+        let config = &settings.tasks[task.name];
+        files += config.files.len();
+        let health = config
+            .health
+            .iter()
+            .flat_map(|h| [h.http(), h.tcp()])
+            .flatten();
+        for template in health {
+            render::compile_value(template)
+                .map_err(|e| invalid(e.context(format!("tasks.{}.health", task.name))))?;
+        }
+    }
+    let names: Vec<&str> = settings.enabled_tasks().map(|t| t.name).collect();
+    println!(
+        "configuration OK: runtime {}, cluster {}, tasks {}, {files} files",
+        format!("{:?}", settings.runtime).to_lowercase(),
+        settings.cluster,
+        names.join(", ")
+    );
+    Ok(())
 }
 
 /// Built-in defaults, then the configuration file.

@@ -162,6 +162,14 @@ impl Renderer {
     }
 }
 
+/// Checks that a one-line template (a health-check URL) compiles.
+pub fn compile_value(source: &str) -> anyhow::Result<()> {
+    Environment::new()
+        .template_from_str(source)
+        .map(|_| ())
+        .map_err(|e| anyhow!("{source:?} does not compile: {e:#}"))
+}
+
 /// Renders a one-line template (a health-check URL) with no escaping, strict undefined.
 pub fn render_value(source: &str, ctx: &Context<'_>) -> anyhow::Result<String> {
     let mut env = Environment::new();

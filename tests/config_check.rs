@@ -1,0 +1,90 @@
+//! `nodeagent config check`: validates a configuration without the node or AWS (exit 0 / 2).
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn check(root: &Path, config: &str) -> Output {
+    let path = root.join("nodeagent.toml");
+    std::fs::write(&path, config).unwrap();
+    Command::new(env!("CARGO_BIN_EXE_nodeagent"))
+        .args(["config", "check", "--config"])
+        .arg(&path)
+        .arg("--root")
+        .arg(root)
+        // Nothing may be asked of IMDS or AWS.
+        .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn good_configurations_pass() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(root.path().join("etc/nodeagent")).unwrap();
+    std::fs::write(
+        root.path().join("etc/nodeagent/mine.yaml"),
+        "dc: {{ consul.datacenter }}\n",
+    )
+    .unwrap();
+    for config in [
+        "",
+        "cluster = \"prod\"\n[tasks.linkerd]\nenabled = false\n",
+        "runtime = \"docker\"\n[ecs]\njoin = false\n\
+         [tasks.linkerd.files.\"/etc/linkerd/mine.yaml\"]\ntemplate = \"/etc/nodeagent/mine.yaml\"\nmode = \"0600\"\n",
+    ] {
+        let out = check(root.path(), config);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{config:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(stdout.starts_with("configuration OK:"), "{stdout}");
+    }
+}
+
+#[test]
+fn broken_configurations_exit_2_each_with_its_own_message() {
+    let root = tempfile::tempdir().unwrap();
+    let templates = root.path().join("etc/nodeagent");
+    std::fs::create_dir_all(&templates).unwrap();
+    std::fs::write(
+        templates.join("broken.json"),
+        "{ \"a\": {{ instance.local_ipv4 }\n",
+    )
+    .unwrap();
+    let user_file = |template: &str| {
+        format!("[tasks.linkerd.files.\"/etc/linkerd/x.json\"]\ntemplate = \"{template}\"\nmode = \"0644\"\n")
+    };
+    let cases: Vec<(String, &str)> = vec![
+        ("cluster = \"a\"\n[consul\n".into(), "nodeagent.toml:2:"),
+        ("[consul]\ndatacentre = \"x\"\n".into(), "nodeagent.toml:2:1: unknown field `datacentre`"),
+        ("[tasks.linkerd]\nenabled = \"no\"\n".into(), "nodeagent.toml:2:11: invalid type"),
+        ("[tasks.linkerd]\ndepends_on = [\"nope\"]\n".into(), "\"nope\", which is not an enabled task"),
+        ("[tasks.consul-agent]\ndepends_on = [\"linkerd\"]\n".into(), "depend on each other in a cycle"),
+        ("[tasks.linkerd.files.\"etc/x.yaml\"]\ntemplate = \"builtin:linkerd.yaml\"\nmode = \"0644\"\n".into(), "the key must be an absolute file path"),
+        ("[tasks.linkerd.files.\"/etc/linkerd/linkerd.yaml\"]\nmode = \"rw-r--r--\"\n".into(), "expected octal permission bits"),
+        (user_file("/etc/nodeagent/broken.json"), "does not compile"),
+        (user_file("/etc/nodeagent/missing.json"), "cannot read template /etc/nodeagent/missing.json"),
+        (user_file("builtin:nope.json"), "no built-in template \"nope.json\""),
+        (user_file("relative.json"), "expected \"builtin:NAME\" or an absolute path"),
+        ("cluster = \"my cluster\"\n".into(), "an ECS cluster name is"),
+        ("[ecs.config]\nECS_X = \"a\\nECS_CLUSTER=evil\"\n".into(), "contains a control character"),
+        ("[tasks.linkerd.health]\ntcp = \"127.0.0.1:9990\"\n".into(), "set one of `http` or `tcp`"),
+        ("[tasks.linkerd.health]\nhttp = \"http://{{ instance.local_ipv4 :9990/\"\n".into(), "tasks.linkerd.health"),
+        ("runtime = \"docker\"\n[tasks.linkerd.container]\nimage = \"\"\n".into(), "container.image is empty"),
+        ("runtime = \"docker\"\n[tasks.linkerd.container]\nmounts = [\"relative:/x\"]\n".into(), "is not \"/host/path:/container/path[:ro]\""),
+        ("[ecs]\njoin = false\n".into(), "ecs.join = false needs runtime = \"docker\""),
+        ("[supervision]\nbackoff_initial = \"1m\"\nbackoff_max = \"1s\"\n".into(), "backoff_initial must be > 0 and <= backoff_max"),
+    ];
+    assert!(cases.len() >= 10);
+    let mut messages = std::collections::BTreeSet::new();
+    for (config, expected) in &cases {
+        let out = check(root.path(), config);
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_eq!(out.status.code(), Some(2), "{config:?}: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{config:?}: expected {expected:?} in {stderr}"
+        );
+        messages.insert(stderr);
+    }
+    assert_eq!(messages.len(), cases.len(), "each case has its own message");
+}
