@@ -260,15 +260,11 @@ fn shell_words(value: &Value) -> Result<String, Error> {
             )),
         }
     };
-    if v_is_seq(value) {
+    if matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable) {
         let words: Result<Vec<String>, Error> = value.try_iter()?.map(|v| word(&v)).collect();
         return Ok(words?.join(" "));
     }
     word(value)
-}
-
-fn v_is_seq(value: &Value) -> bool {
-    matches!(value.kind(), ValueKind::Seq | ValueKind::Iterable)
 }
 
 #[cfg(test)]

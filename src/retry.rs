@@ -9,21 +9,31 @@ use std::time::Duration;
 /// from `initial` up to `cap`. Never zero, so a failing peer is never polled in a busy loop.
 #[derive(Debug, Clone)]
 pub struct Backoff {
-    next: Duration,
+    initial: Duration,
     cap: Duration,
+    step: u32,
 }
 
 impl Backoff {
     pub fn new(initial: Duration, cap: Duration) -> Self {
-        Backoff { next: initial, cap }
+        Backoff {
+            initial,
+            cap,
+            step: 0,
+        }
     }
 
     /// The next delay to sleep.
     pub fn next_delay(&mut self) -> Duration {
-        let d = self.next;
-        self.next = (self.next * 2).min(self.cap);
+        let d = exponential(self.initial, self.cap, self.step);
+        self.step = self.step.saturating_add(1);
         jitter(d)
     }
+}
+
+/// `initial` doubled `step` times, at most `cap` (before jitter).
+pub fn exponential(initial: Duration, cap: Duration, step: u32) -> Duration {
+    initial.saturating_mul(1 << step.min(20)).min(cap)
 }
 
 /// A delay drawn uniformly from [d/2, d].

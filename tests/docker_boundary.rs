@@ -28,6 +28,14 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
 
+/// The next `Died` event, within 10 s.
+async fn next_death(events: &mut BoxStream<'static, anyhow::Result<DockerEvent>>) -> DockerEvent {
+    wait_event(events, Duration::from_secs(10), |e| {
+        matches!(e, DockerEvent::Died { .. })
+    })
+    .await
+}
+
 /// The next event satisfying `wanted`, within `limit`; panics with what came instead.
 async fn wait_event(
     events: &mut BoxStream<'static, anyhow::Result<DockerEvent>>,
@@ -179,11 +187,7 @@ async fn stop_is_graceful_thanks_to_init() {
     assert!(took < Duration::from_secs(10), "stop took {took:?}");
     // SIGTERM reached sleep through init: 143 = 128 + SIGTERM.
     assert_eq!(
-        wait_event(&mut events, Duration::from_secs(10), |e| matches!(
-            e,
-            DockerEvent::Died { .. }
-        ))
-        .await,
+        next_death(&mut events).await,
         DockerEvent::Died {
             id: id.clone(),
             exit_code: Some(143)
@@ -206,11 +210,7 @@ async fn reports_exit_code_and_logs_of_a_failing_command() {
     };
     let id = docker.run(&spec).await.expect("run sh");
     assert_eq!(
-        wait_event(&mut events, Duration::from_secs(10), |e| matches!(
-            e,
-            DockerEvent::Died { .. }
-        ))
-        .await,
+        next_death(&mut events).await,
         DockerEvent::Died {
             id: id.clone(),
             exit_code: Some(3)
@@ -314,10 +314,7 @@ async fn host_config_memory_env_binds_and_entrypoint() {
         labels: label_map.clone(),
     };
     let id = docker.run(&spec).await.expect("run");
-    let died = wait_event(&mut events, Duration::from_secs(10), |e| {
-        matches!(e, DockerEvent::Died { .. })
-    })
-    .await;
+    let died = next_death(&mut events).await;
     // `touch` fails on the read-only bind, so the shell exits 1.
     assert_eq!(
         died,

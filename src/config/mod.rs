@@ -406,9 +406,9 @@ impl Settings {
                 }
             }
         }
-        let placed: usize = self.start_levels().iter().map(Vec::len).sum();
+        let levels = self.start_levels();
+        let placed: usize = levels.iter().map(Vec::len).sum();
         if placed < names.len() {
-            let levels = self.start_levels();
             let stuck: Vec<&str> = names
                 .iter()
                 .copied()

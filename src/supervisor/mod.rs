@@ -16,7 +16,7 @@
 pub mod health;
 
 use crate::config::Supervision;
-use crate::retry::jitter;
+use crate::retry::{exponential, jitter};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
@@ -475,14 +475,7 @@ impl Supervisor {
         slot.failures += 1;
         slot.restarts += 1;
         slot.recent.push_back(now);
-        while slot
-            .recent
-            .front()
-            .is_some_and(|t| now - *t > policy.crash_loop_window)
-        {
-            slot.recent.pop_front();
-        }
-        let crash_loop = slot.recent.len() >= policy.crash_loop_restarts as usize;
+        let crash_loop = crash_looping(slot, &policy);
         if crash_loop && slot.state != State::CrashLoop {
             let runtime = self.runtime.clone();
             let (name, lines, dead) = (slot.spec.name.clone(), policy.log_lines, dead.clone());
@@ -647,6 +640,16 @@ impl Supervisor {
 /// The state of a task that is up (running, or passing its check): `crash-loop` while its
 /// recent restarts are still over the limit, else `up`.
 fn up_state(slot: &mut Slot, policy: &Supervision, up: State) -> State {
+    if crash_looping(slot, policy) {
+        State::CrashLoop
+    } else {
+        up
+    }
+}
+
+/// Whether the slot's restarts within the crash-loop window (older ones are forgotten) reach
+/// the limit.
+fn crash_looping(slot: &mut Slot, policy: &Supervision) -> bool {
     let now = Instant::now();
     while slot
         .recent
@@ -655,11 +658,7 @@ fn up_state(slot: &mut Slot, policy: &Supervision, up: State) -> State {
     {
         slot.recent.pop_front();
     }
-    if slot.recent.len() >= policy.crash_loop_restarts as usize {
-        State::CrashLoop
-    } else {
-        up
-    }
+    slot.recent.len() >= policy.crash_loop_restarts as usize
 }
 
 fn set_state(slot: &mut Slot, state: State) {
@@ -673,12 +672,12 @@ fn set_state(slot: &mut Slot, state: State) {
 /// The delay before restart number `failures` (1-based) of a failing task: exponential from
 /// `backoff_initial`, capped, jittered into [d/2, d].
 fn backoff(policy: &Supervision, failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(20);
-    let d = policy
-        .backoff_initial
-        .saturating_mul(1 << exp)
-        .min(policy.backoff_max);
-    jitter(d)
+    let step = failures.saturating_sub(1);
+    jitter(exponential(
+        policy.backoff_initial,
+        policy.backoff_max,
+        step,
+    ))
 }
 
 async fn remove_old(runtime: &dyn Runtime, old: &Instance) {
