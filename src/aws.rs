@@ -43,7 +43,7 @@ pub struct AwsCalls {
     ops: Mutex<BTreeMap<&'static str, OpCount>>,
 }
 
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpCount {
     pub calls: u64,
     pub errors: u64,

@@ -43,6 +43,18 @@ pub struct Node<'a> {
     pub agent: &'a dyn EcsAgent,
 }
 
+/// Who hears how the boot goes (status, systemd): a phase began; the boot is still waiting on
+/// something outside (called at every poll, so the caller can show a live count and keep a
+/// service manager from timing out).
+pub trait Progress: Sync {
+    fn phase(&self, phase: &'static str);
+    /// `waited`: how long so far; `None`: no longer waiting on it.
+    fn waiting(&self, on: &'static str, waited: Option<Duration>);
+}
+
+const WAIT_SERVERS: &str = "a Consul server";
+const WAIT_AGENT: &str = "the ECS agent";
+
 /// When a phase ran, relative to the start of the boot.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseTime {
@@ -82,6 +94,7 @@ pub async fn run(
     settings: &Settings,
     facts: &InstanceFacts,
     node: &Node<'_>,
+    progress: &dyn Progress,
 ) -> anyhow::Result<BootReport> {
     let boot = Instant::now();
     let mut phases = Vec::new();
@@ -95,14 +108,16 @@ pub async fn run(
     let join = settings.ecs.join;
     let t = Instant::now();
     if join {
+        progress.phase("join");
         info_span!("phase", phase = "join").in_scope(|| prepare(settings, node.fs))?;
         phases.push(timed("join", t));
     }
 
     // 3 and 4: both wait on something outside, so they wait together.
+    progress.phase("discover");
     let t = Instant::now();
     let discover = async {
-        let servers = discover_servers(settings, node.ec2).await;
+        let servers = discover_servers(settings, node.ec2, progress).await;
         (servers, timed("discover", t))
     }
     .instrument(info_span!("phase", phase = "discover"));
@@ -110,7 +125,7 @@ pub async fn run(
         if !join {
             return (Ok(None), None);
         }
-        let agent = wait_for_agent(settings, node.agent).await;
+        let agent = wait_for_agent(settings, node.agent, progress).await;
         (agent.map(Some), Some(timed("agent", t)))
     }
     .instrument(info_span!("phase", phase = "agent"));
@@ -121,6 +136,7 @@ pub async fn run(
     phases.extend(agent_time);
 
     // 5. Render the config files.
+    progress.phase("render");
     let t = Instant::now();
     let files = info_span!("phase", phase = "render").in_scope(|| {
         render_files(
@@ -128,6 +144,7 @@ pub async fn run(
             facts,
             &servers,
             container_instance.as_deref(),
+            node.fs,
             node.fs,
         )
     })?;
@@ -144,7 +161,11 @@ pub async fn run(
 /// Private IPv4 addresses of the running instances carrying the server tag: sorted, unique.
 /// Servers often boot after the nodes, so "none yet" is retried with backoff until
 /// `consul.discovery_timeout`.
-async fn discover_servers(settings: &Settings, ec2: &dyn Ec2) -> anyhow::Result<Vec<String>> {
+async fn discover_servers(
+    settings: &Settings,
+    ec2: &dyn Ec2,
+    progress: &dyn Progress,
+) -> anyhow::Result<Vec<String>> {
     let tag = &settings.consul.server_tag;
     let filter = format!(
         "tag:{}={} and instance-state-name=running",
@@ -157,6 +178,7 @@ async fn discover_servers(settings: &Settings, ec2: &dyn Ec2) -> anyhow::Result<
         let ips = ec2.running_private_ips(&tag.key, &tag.value).await?;
         let servers: BTreeSet<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
         if !servers.is_empty() {
+            progress.waiting(WAIT_SERVERS, None);
             let servers: Vec<String> = servers.iter().map(Ipv4Addr::to_string).collect();
             info!(servers = ?servers, "found the Consul servers");
             return Ok(servers);
@@ -167,6 +189,7 @@ async fn discover_servers(settings: &Settings, ec2: &dyn Ec2) -> anyhow::Result<
                 settings.consul.discovery_timeout
             );
         }
+        progress.waiting(WAIT_SERVERS, Some(start.elapsed()));
         if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
             info!(
                 waited_s = start.elapsed().as_secs(),
@@ -183,6 +206,7 @@ async fn discover_servers(settings: &Settings, ec2: &dyn Ec2) -> anyhow::Result<
 async fn wait_for_agent(
     settings: &Settings,
     agent: &dyn EcsAgent,
+    progress: &dyn Progress,
 ) -> anyhow::Result<AgentMetadata> {
     let start = Instant::now();
     let timeout = settings.ecs.agent_timeout;
@@ -204,6 +228,7 @@ async fn wait_for_agent(
                         settings.cluster
                     );
                 }
+                progress.waiting(WAIT_AGENT, None);
                 info!(
                     container_instance = m.container_instance_arn.as_deref().unwrap_or_default(),
                     waited_ms = start.elapsed().as_millis() as u64,
@@ -220,6 +245,7 @@ async fn wait_for_agent(
                 agent.url()
             );
         }
+        progress.waiting(WAIT_AGENT, Some(start.elapsed()));
         if Instant::now() >= next_log {
             info!(
                 waited_s = start.elapsed().as_secs(),
@@ -232,15 +258,18 @@ async fn wait_for_agent(
     }
 }
 
-/// Renders every file and writes it atomically; creates the tasks' directories.
-fn render_files(
+/// Renders every file and writes it atomically; creates the tasks' directories. User templates
+/// are read from `templates`, the files and directories go to `fs` (the same host at boot; a
+/// review directory for `nodeagent render`).
+pub fn render_files(
     settings: &Settings,
     facts: &InstanceFacts,
     servers: &[String],
     container_instance: Option<&str>,
+    templates: &dyn HostFs,
     fs: &dyn HostFs,
 ) -> anyhow::Result<Vec<RenderedFile>> {
-    let read_template = |path: &str| read_text(fs, path);
+    let read_template = |path: &str| read_text(templates, path);
     let renderer = Renderer::new(settings, &read_template)?;
     let files = renderer.render(&context(settings, facts, servers, container_instance))?;
     for task in settings.enabled_tasks() {

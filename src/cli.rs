@@ -1,29 +1,32 @@
-//! Command line: owns parsing arguments, building the real boundary implementations, logging
-//! and exit statuses (0 ok, 2 bad configuration, 1 anything else). Everything below it is
-//! handed its collaborators explicitly.
+//! Command line: owns parsing arguments, building the real boundary implementations, reading
+//! the configuration layers, logging and exit statuses (0 ok, 2 bad configuration, 1 anything
+//! else; `status`: 0 healthy, 1 degraded, 3 no agent). Everything below it is handed its
+//! collaborators explicitly.
 
 use crate::agent::HttpAgent;
 use crate::aws::{self, AwsCalls};
-use crate::boot::{self, Node, PhaseTime};
-use crate::config::{self, ConfigError, Fragment, RuntimeKind, Settings};
+use crate::boot::{self, Node, PhaseTime, Progress};
+use crate::config::{self, ConfigError, Fragment, Loaded, RuntimeKind, TAG_PREFIX};
 use crate::docker::{BollardDocker, Docker};
-use crate::ec2::SdkEc2;
+use crate::ec2::{Ec2, SdkEc2};
 use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
-use crate::imds::AwsImds;
+use crate::imds::{AwsImds, Imds};
+use crate::logging::{self, Logging};
 use crate::render::{self, Renderer};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::ecs::EcsRuntime;
+use crate::status::{client, notify, server, Board};
 use crate::supervisor::{Runtime, Supervisor, Until};
+use crate::systemd::{Notice, ServiceManager, Systemd};
 use clap::{ArgAction, Args, Parser, Subcommand};
-use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{info, info_span, warn, Instrument};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -52,10 +55,35 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
-    /// Join the ECS cluster (write ecs.config) without touching the network: run before ecs.service.
+    /// Join the ECS cluster (write ecs.config) before ecs.service starts.
     Prepare {
         #[command(flatten)]
         common: Common,
+    },
+    /// Show the running agent's status. Exit 0 healthy, 1 degraded, 3 agent not running.
+    Status {
+        #[command(flatten)]
+        common: Common,
+        /// The agent's socket [default: status.socket of the configuration files].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// The status document as JSON (`GET /v1/status`).
+        #[arg(long)]
+        json: bool,
+        /// Refresh every 2 seconds until interrupted.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Render every config file from given facts into a directory, for reviewing templates.
+    Render {
+        #[command(flatten)]
+        common: Common,
+        /// Instance facts as JSON (see packaging/sample-facts.json).
+        #[arg(long, value_name = "FILE.json")]
+        facts: PathBuf,
+        /// Files are written under this directory, at their host paths.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
     /// Configuration tools.
     Config {
@@ -66,9 +94,15 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum ConfigCommand {
-    /// Validate the configuration without touching AWS: types, unknown keys (file:line:col),
-    /// dependency cycles, paths, templates compile. Exit 0 valid, 2 not (for the AMI build).
+    /// Validate the configuration files without touching AWS: types, unknown keys
+    /// (file:line:col), dependency cycles, paths, templates compile. Exit 0 valid, 2 not.
     Check {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Print the merged configuration, each key with the layer that set it. Reads the
+    /// instance's user-data and tags when instance metadata answers.
+    Show {
         #[command(flatten)]
         common: Common,
     },
@@ -76,7 +110,8 @@ enum ConfigCommand {
 
 #[derive(Debug, Args)]
 struct Common {
-    /// Configuration file [default: /etc/nodeagent/nodeagent.toml, under --root; built-in defaults when absent].
+    /// Main configuration file; conf.d/*.toml beside it is read too [default:
+    /// /etc/nodeagent/nodeagent.toml, under --root; built-in defaults when absent].
     #[arg(long, value_name = "PATH")]
     config: Option<PathBuf>,
     /// Directory that every host path nodeagent reads or writes is placed under.
@@ -87,7 +122,7 @@ struct Common {
 /// Parses the command line, runs the command and maps its outcome to an exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.verbose, cli.quiet);
+    let logging = logging::init(cli.verbose, cli.quiet);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -98,50 +133,124 @@ pub fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(dispatch(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+    match runtime.block_on(dispatch(cli.command, &logging)) {
+        Ok(code) => code,
         Err(e) => {
-            eprintln!("nodeagent: error: {e:#}");
             let config_error = e.chain().any(|c| c.is::<ConfigError>());
+            if logging.to_journal() {
+                tracing::error!(error = %format!("{e:#}"), "nodeagent failed");
+            } else {
+                eprintln!("nodeagent: error: {e:#}");
+            }
             ExitCode::from(if config_error { 2 } else { 1 })
         }
     }
 }
 
-fn init_logging(verbose: u8, quiet: bool) {
-    let level = match (quiet, verbose) {
-        (true, _) => "warn",
-        (false, 0) => "info",
-        (false, 1) => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("warn,nodeagent={level}")));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .init();
-}
-
-async fn dispatch(command: Command) -> anyhow::Result<()> {
+async fn dispatch(command: Command, logging: &Logging) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Run { common, once } => run(&common, once, logging).await,
         Command::Prepare { common } => {
-            let settings = load_settings(&common)?;
-            boot::prepare(&settings, &RootedFs::new(&common.root))?;
-            Ok(())
+            let fs = RootedFs::new(&common.root);
+            let files = file_layers(&common)?;
+            let imds = AwsImds::new();
+            let facts = InstanceFacts::read(&imds).await?;
+            logging.set_instance_id(&facts.instance_id);
+            let calls = Arc::new(AwsCalls::default());
+            let sdk = aws::sdk_config(&facts.region).await;
+            let ec2 = SdkEc2::new(&sdk, calls);
+            let settings = instance_layers(files, &imds, &ec2, &facts).await?.settings;
+            boot::prepare(&settings, &fs)?;
+            Ok(ExitCode::SUCCESS)
         }
-        Command::Run { common, once } => run(&common, once).await,
+        Command::Status {
+            common,
+            socket,
+            json,
+            watch,
+        } => Ok(show_status(&common, socket, json, watch).await),
+        Command::Render { common, facts, out } => render(&common, &facts, &out),
         Command::Config {
             command: ConfigCommand::Check { common },
         } => check_config(&common),
+        Command::Config {
+            command: ConfigCommand::Show { common },
+        } => show_config(&common).await,
     }
 }
 
+/// The configuration files: the main one, then `conf.d/*.toml` beside it in lexical order.
+fn file_layers(common: &Common) -> Result<Vec<Fragment>, ConfigError> {
+    let (fs, main, explicit) = match &common.config {
+        Some(path) => {
+            let path = std::path::absolute(path)
+                .map_err(|e| ConfigError::unreadable(path.display().to_string(), e))?;
+            (RootedFs::new("/"), path.display().to_string(), true)
+        }
+        None => (
+            RootedFs::new(&common.root),
+            config::DEFAULT_CONFIG_PATH.to_string(),
+            false,
+        ),
+    };
+    let read = |path: &str| -> Result<Option<Fragment>, ConfigError> {
+        let shown = fs.resolve(path).display().to_string();
+        let bytes = fs
+            .read(path)
+            .map_err(|e| ConfigError::unreadable(&shown, e))?;
+        bytes
+            .map(|b| {
+                String::from_utf8(b)
+                    .map(|text| Fragment::file(&shown, text))
+                    .map_err(|_| ConfigError::unreadable(&shown, "not UTF-8 text"))
+            })
+            .transpose()
+    };
+    let mut fragments = Vec::new();
+    match read(&main)? {
+        Some(f) => fragments.push(f),
+        None if explicit => return Err(ConfigError::unreadable(main, "no such file")),
+        None => {}
+    }
+    let dir = Path::new(&main)
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join("conf.d");
+    let dir = dir.to_string_lossy();
+    let names = fs
+        .list(&dir)
+        .map_err(|e| ConfigError::unreadable(dir.to_string(), e))?;
+    for name in names.iter().filter(|n| n.ends_with(".toml")) {
+        fragments.extend(read(&format!("{dir}/{name}"))?);
+    }
+    Ok(fragments)
+}
+
+/// The files, then the instance's layers: a `[nodeagent]` document in user-data, then its
+/// `nodeagent:` tags (from instance metadata when tags are shown there, else DescribeTags).
+async fn instance_layers(
+    mut fragments: Vec<Fragment>,
+    imds: &dyn Imds,
+    ec2: &dyn Ec2,
+    facts: &InstanceFacts,
+) -> anyhow::Result<Loaded> {
+    if let Some(user_data) = imds.user_data().await? {
+        fragments.extend(Fragment::user_data(&user_data));
+    }
+    let tags = match imds.tags(TAG_PREFIX).await? {
+        Some(tags) => tags,
+        None => ec2.instance_tags(&facts.instance_id, TAG_PREFIX).await?,
+    };
+    let tags: Vec<(String, String)> = tags
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix(TAG_PREFIX)?.to_string(), v)))
+        .collect();
+    Ok(config::from_layers(&fragments, &tags)?)
+}
+
 /// Everything that can be checked without the node: the settings, then every template.
-fn check_config(common: &Common) -> anyhow::Result<()> {
-    let settings = load_settings(common)?;
+fn check_config(common: &Common) -> anyhow::Result<ExitCode> {
+    let settings = config::from_fragments(&file_layers(common)?)?;
     let fs = RootedFs::new(&common.root);
     let invalid = |e: anyhow::Error| ConfigError::Invalid(vec![format!("{e:#}")]);
     Renderer::new(&settings, &|path: &str| boot::read_text(&fs, path)).map_err(invalid)?;
@@ -162,68 +271,267 @@ fn check_config(common: &Common) -> anyhow::Result<()> {
     let names: Vec<&str> = settings.enabled_tasks().map(|t| t.name).collect();
     println!(
         "configuration OK: runtime {}, cluster {}, tasks {}, {files} files",
-        format!("{:?}", settings.runtime).to_lowercase(),
+        runtime_name(settings.runtime),
         settings.cluster,
         names.join(", ")
     );
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
-/// Built-in defaults, then the configuration file.
-fn load_settings(common: &Common) -> Result<Settings, ConfigError> {
-    let fs = RootedFs::new(&common.root);
-    let text = match &common.config {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::unreadable(path.display().to_string(), e))?,
-        ),
-        None => fs
-            .read(config::DEFAULT_CONFIG_PATH)
-            .map_err(|e| ConfigError::unreadable(config::DEFAULT_CONFIG_PATH, e))?
-            .map(|b| String::from_utf8_lossy(&b).into_owned()),
+/// Prints every key of the merged configuration as a dotted TOML line with the layer that set
+/// it. Values of keys that look secret are not printed.
+async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
+    let files = file_layers(common)?;
+    let imds = AwsImds::new();
+    let instance = async {
+        let facts = InstanceFacts::read(&imds).await?;
+        let sdk = aws::sdk_config(&facts.region).await;
+        let ec2 = SdkEc2::new(&sdk, Arc::new(AwsCalls::default()));
+        instance_layers(files.clone(), &imds, &ec2, &facts).await
     };
-    let origin = common
-        .config
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_else(|| {
-            fs.resolve(config::DEFAULT_CONFIG_PATH)
-                .display()
-                .to_string()
-        });
-    let fragments: Vec<Fragment> = text
-        .map(|text| Fragment { origin, text })
-        .into_iter()
-        .collect();
-    config::from_fragments(&fragments)
+    let (loaded, note) = match tokio::time::timeout(Duration::from_secs(15), instance).await {
+        Ok(Ok(loaded)) => (loaded, None),
+        Ok(Err(e)) if e.chain().any(|c| c.is::<ConfigError>()) => return Err(e),
+        Ok(Err(e)) => (config::from_layers(&files, &[])?, Some(format!("{e:#}"))),
+        Err(_) => (
+            config::from_layers(&files, &[])?,
+            Some("instance metadata did not answer".into()),
+        ),
+    };
+    println!("# nodeagent configuration: every key, and the layer that set it (later layers win:");
+    println!("# built-in defaults, the main file, conf.d/*.toml, EC2 user-data, nodeagent: tags).");
+    if let Some(why) = note {
+        println!("# Not on an EC2 instance, or its metadata is unreachable: user-data and tags not read ({why}).");
+    }
+    let mut leaves = Vec::new();
+    flatten(&loaded.merged, "", &mut leaves);
+    for (key, value) in leaves {
+        let origin = loaded.origins.get(&key).map_or("?", String::as_str);
+        let last = key.rsplit('.').next().unwrap_or_default().to_uppercase();
+        let secret = [
+            "SECRET",
+            "PASSWORD",
+            "TOKEN",
+            "AUTH",
+            "CREDENTIAL",
+            "PRIVATE",
+        ]
+        .iter()
+        .any(|w| last.contains(w));
+        let value = if secret {
+            "\"<redacted>\"".to_string()
+        } else {
+            value.to_string()
+        };
+        println!("{key} = {value}  # {origin}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
-async fn run(common: &Common, once: bool) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let settings = load_settings(common)?;
-    let fs = RootedFs::new(&common.root);
+fn flatten(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
+    for (k, v) in table {
+        let key = format!("{prefix}{}", config::dotted_key(k));
+        match v {
+            toml::Value::Table(t) => flatten(t, &format!("{key}."), out),
+            v => out.push((key, v.clone())),
+        }
+    }
+}
 
+/// What `render --facts` reads: the instance facts plus what the boot would have found.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RenderFacts {
+    #[serde(flatten)]
+    instance: InstanceFacts,
+    #[serde(default)]
+    consul_servers: Vec<String>,
+    #[serde(default)]
+    container_instance_arn: Option<String>,
+}
+
+fn render(common: &Common, facts: &Path, out: &Path) -> anyhow::Result<ExitCode> {
+    use anyhow::Context as _;
+    let settings = config::from_fragments(&file_layers(common)?)?;
+    let text = std::fs::read_to_string(facts)
+        .with_context(|| format!("reading the facts file {}", facts.display()))?;
+    let given: RenderFacts = serde_json::from_str(&text).with_context(|| {
+        format!(
+            "{}: not a facts document (see packaging/sample-facts.json)",
+            facts.display()
+        )
+    })?;
+    let files = boot::render_files(
+        &settings,
+        &given.instance,
+        &given.consul_servers,
+        given.container_instance_arn.as_deref(),
+        &RootedFs::new(&common.root),
+        &RootedFs::new(out),
+    )?;
+    for f in &files {
+        println!(
+            "{}  {:04o}  {}  ({})",
+            f.sha256,
+            f.mode,
+            out.join(f.path.trim_start_matches('/')).display(),
+            f.task
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `nodeagent status`: 0 healthy, 1 degraded, 3 no agent.
+async fn show_status(
+    common: &Common,
+    socket: Option<PathBuf>,
+    json: bool,
+    watch: bool,
+) -> ExitCode {
+    let socket = socket.unwrap_or_else(|| {
+        let path = match file_layers(common).and_then(|f| config::from_fragments(&f)) {
+            Ok(settings) => settings.status.socket,
+            Err(e) => {
+                eprintln!("nodeagent: warning: {e}; using the default status socket");
+                config::from_fragments(&[])
+                    .map(|s| s.status.socket)
+                    .unwrap_or_default()
+            }
+        };
+        RootedFs::new(&common.root).resolve(&path)
+    });
+    loop {
+        let code = match client::fetch(&socket).await {
+            Ok(status) => {
+                if watch {
+                    print!("\x1b[2J\x1b[H");
+                }
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&status).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", status.table(SystemTime::now()));
+                }
+                ExitCode::from(if status.healthy { 0 } else { 1 })
+            }
+            Err(e) => {
+                eprintln!("nodeagent: {e}");
+                ExitCode::from(3)
+            }
+        };
+        if !watch {
+            return code;
+        }
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return code,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Boot progress, as the status board shows it.
+struct BoardProgress<'a> {
+    board: &'a Board,
+    waits: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl Progress for BoardProgress<'_> {
+    fn phase(&self, phase: &'static str) {
+        self.board.set_phase(phase);
+    }
+
+    fn waiting(&self, on: &'static str, waited: Option<Duration>) {
+        let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        match waited {
+            Some(d) => waits.insert(on, d.as_secs()),
+            None => waits.remove(on),
+        };
+        let detail = (!waits.is_empty()).then(|| {
+            let each: Vec<String> = waits
+                .iter()
+                .map(|(on, s)| format!("{on} ({s} s)"))
+                .collect();
+            format!("waiting for {}", each.join(", "))
+        });
+        self.board.update(|s| s.phase_detail = detail);
+    }
+}
+
+async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let fs = RootedFs::new(&common.root);
+    let files = file_layers(common)?;
+    // The files alone place the status socket, so `nodeagent status` answers from the start.
+    let early = config::from_fragments(&files)?;
+    let board = Board::new(&early.cluster, runtime_name(early.runtime));
+    let calls = Arc::new(AwsCalls::default());
+    let snapshot: server::Snapshot = {
+        let (board, calls) = (board.clone(), calls.clone());
+        Arc::new(move || {
+            board.set_aws_calls(calls.snapshot());
+            board.snapshot()
+        })
+    };
+    let socket = fs.resolve(&early.status.socket);
+    let group = fs.group_id("nodeagent").unwrap_or(None);
+    let listener = server::bind_unix(&socket, group)?;
+    let _socket_file = RemoveOnDrop(socket);
+    let _server = AbortOnDrop(tokio::spawn(server::serve_unix(listener, snapshot.clone())));
+    let manager: Arc<dyn ServiceManager> = Arc::new(Systemd);
+    let _notifier = AbortOnDrop(tokio::spawn(notify::follow(
+        board.subscribe(),
+        manager.clone(),
+    )));
+
+    // 1. Read the instance facts, then the configuration layers the instance carries.
     let imds = AwsImds::new();
     let facts = InstanceFacts::read(&imds)
         .instrument(info_span!("phase", phase = "imds"))
         .await?;
+    logging.set_instance_id(&facts.instance_id);
+    board.set_facts(&facts);
+    let sdk = aws::sdk_config(&facts.region).await;
+    let ec2 = SdkEc2::new(&sdk, calls.clone());
+    let settings = instance_layers(files, &imds, &ec2, &facts)
+        .instrument(info_span!("phase", phase = "imds"))
+        .await?
+        .settings;
     let imds_phase = PhaseTime {
         phase: "imds",
         started_ms: 0.0,
         took_ms: started.elapsed().as_secs_f64() * 1e3,
     };
     info!(instance_id = %facts.instance_id, local_ipv4 = %facts.local_ipv4, az = %facts.availability_zone, "read instance metadata");
+    board.update(|s| {
+        s.cluster = settings.cluster.clone();
+        s.runtime = runtime_name(settings.runtime).into();
+    });
+    let _metrics = match settings.metrics.listen.as_str() {
+        "" => None,
+        addr => {
+            let listener = server::bind_metrics(addr).await?;
+            Some(AbortOnDrop(tokio::spawn(server::serve_metrics(
+                listener,
+                snapshot.clone(),
+            ))))
+        }
+    };
 
-    let calls = Arc::new(AwsCalls::default());
-    let sdk = aws::sdk_config(&facts.region).await;
-    let ec2 = SdkEc2::new(&sdk, calls.clone());
+    // 2-5. Join the cluster, find Consul, wait for the ECS agent, render the files.
     let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
     let node = Node {
         fs: &fs,
         ec2: &ec2,
         agent: &agent,
     };
-    let report = boot::run(&settings, &facts, &node).await?;
+    let progress = BoardProgress {
+        board: &board,
+        waits: Mutex::default(),
+    };
+    let report = boot::run(&settings, &facts, &node, &progress).await?;
+    board.set_report(&report, &imds_phase, SystemTime::now());
     let phases: Vec<String> = std::iter::once(&imds_phase)
         .chain(&report.phases)
         .map(|p| format!("{}={:.1}ms", p.phase, p.took_ms))
@@ -262,14 +570,36 @@ async fn run(common: &Common, once: bool) -> anyhow::Result<()> {
     };
     let tasks = boot::supervised_tasks(&settings, &facts, &report)?;
     let mut supervisor = Supervisor::new(runtime, settings.supervision.clone(), tasks);
-    let status = supervisor.watch();
+    let mut task_status = supervisor.watch();
+    board.set_phase("supervise");
+    let _forward = AbortOnDrop(tokio::spawn({
+        let board = board.clone();
+        async move {
+            while task_status.changed().await.is_ok() {
+                let tasks = task_status.borrow_and_update().clone();
+                board.set_tasks(&tasks);
+            }
+        }
+    }));
+    let _watchdog = AbortOnDrop(tokio::spawn(notify::watchdog(
+        manager.clone(),
+        supervisor.liveness(),
+    )));
     let until = if once {
         Until::AllStarted
     } else {
         Until::Shutdown
     };
-    let summary = || {
-        let tasks = status.borrow();
+    supervisor
+        .run(until, async {
+            if let Err(e) = wait_for_shutdown().await {
+                tracing::error!(error = %e, "cannot wait for signals");
+            }
+        })
+        .instrument(info_span!("phase", phase = "supervise"))
+        .await?;
+    if once {
+        let tasks = supervisor.watch().borrow().clone();
         let adopted = tasks.iter().filter(|t| t.adopted).count();
         info!(
             total_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
@@ -278,21 +608,41 @@ async fn run(common: &Common, once: bool) -> anyhow::Result<()> {
             adopted,
             "all tasks started"
         );
-    };
-    supervisor
-        .run(until, async {
-            if let Err(e) = wait_for_shutdown().await {
-                tracing::error!(error = %e, "cannot wait for signals");
-            }
-        })
-        .instrument(info_span!("supervise"))
-        .await?;
-    if once {
-        summary();
     } else {
+        board.set_phase("stopping");
+        manager.notify(&[
+            Notice::Stopping,
+            Notice::Status("stopping; the tasks keep running".into()),
+        ]);
         info!("stopping; the tasks keep running");
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The status socket, removed when the agent ends (whatever the outcome), so a stale one does
+/// not look like a running agent.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A spawned task that ends with its owner.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn runtime_name(kind: RuntimeKind) -> &'static str {
+    match kind {
+        RuntimeKind::Ecs => "ecs",
+        RuntimeKind::Docker => "docker",
+    }
 }
 
 async fn wait_for_shutdown() -> anyhow::Result<()> {

@@ -1,4 +1,6 @@
-//! EC2 boundary: owns the one EC2 question nodeagent asks — which running instances carry a tag.
+//! EC2 boundary: owns the EC2 questions nodeagent asks — which running instances carry a tag
+//! (the Consul servers), and which `nodeagent:` tags this instance carries when the instance
+//! metadata does not show tags.
 
 use crate::aws::{describe, AwsCalls};
 use anyhow::Context;
@@ -7,11 +9,18 @@ use aws_sdk_ec2::types::Filter;
 use std::sync::Arc;
 
 const DESCRIBE_INSTANCES: &str = "ec2:DescribeInstances";
+const DESCRIBE_TAGS: &str = "ec2:DescribeTags";
 
 #[async_trait]
 pub trait Ec2: Send + Sync {
     /// Private IPv4 addresses of the running instances tagged `key=value`, all pages.
     async fn running_private_ips(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>>;
+    /// The tags of `instance_id` whose key starts with `prefix`, all pages.
+    async fn instance_tags(
+        &self,
+        instance_id: &str,
+        prefix: &str,
+    ) -> anyhow::Result<Vec<(String, String)>>;
 }
 
 pub struct SdkEc2 {
@@ -64,5 +73,44 @@ impl Ec2 for SdkEc2 {
             );
         }
         Ok(ips)
+    }
+
+    async fn instance_tags(
+        &self,
+        instance_id: &str,
+        prefix: &str,
+    ) -> anyhow::Result<Vec<(String, String)>> {
+        let mut pages = self
+            .client
+            .describe_tags()
+            .filters(
+                Filter::builder()
+                    .name("resource-id")
+                    .values(instance_id)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("key")
+                    .values(format!("{prefix}*"))
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut tags = Vec::new();
+        while let Some(page) = pages.next().await {
+            self.calls.record(DESCRIBE_TAGS, page.is_ok());
+            let page = page
+                .map_err(|e| anyhow::anyhow!(describe(&e)))
+                .with_context(|| {
+                    format!("{DESCRIBE_TAGS} ({instance_id}, {prefix}*) failed; the instance role needs ec2:DescribeTags, or enable instance tags in the instance metadata")
+                })?;
+            tags.extend(page.tags().iter().filter_map(|t| {
+                let key = t.key()?;
+                key.starts_with(prefix)
+                    .then(|| (key.to_string(), t.value().unwrap_or_default().to_string()))
+            }));
+        }
+        Ok(tags)
     }
 }

@@ -24,6 +24,21 @@ pub trait HostFs: Send + Sync {
     fn write_atomic(&self, path: &str, contents: &[u8], mode: u32) -> io::Result<Written>;
     /// Creates the directory and its parents (new directories get `mode`).
     fn create_dir_all(&self, path: &str, mode: u32) -> io::Result<()>;
+    /// Names of the directory's entries, sorted; empty when it does not exist.
+    fn list(&self, dir: &str) -> io::Result<Vec<String>>;
+
+    /// The id of group `name` in the host's /etc/group.
+    fn group_id(&self, name: &str) -> io::Result<Option<u32>> {
+        let Some(bytes) = self.read("/etc/group")? else {
+            return Ok(None);
+        };
+        Ok(String::from_utf8_lossy(&bytes).lines().find_map(|line| {
+            let mut fields = line.split(':');
+            (fields.next() == Some(name))
+                .then(|| fields.nth(1)?.parse().ok())
+                .flatten()
+        }))
+    }
 }
 
 /// The real filesystem, with every host path placed under `root` ("/" on a node).
@@ -99,6 +114,22 @@ impl HostFs for RootedFs {
             .create(&real)
             .map_err(at(&real, "cannot create directory"))
     }
+
+    fn list(&self, dir: &str) -> io::Result<Vec<String>> {
+        let real = self.resolve(dir);
+        let entries = match fs::read_dir(&real) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(at(&real, "cannot list")(e)),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(at(&real, "cannot list"))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
+    }
 }
 
 #[cfg(test)]
@@ -131,5 +162,19 @@ mod tests {
         assert_eq!(fs.read(path).unwrap().unwrap(), b"a");
         let leftovers = fs::read_dir(real.parent().unwrap()).unwrap().count();
         assert_eq!(leftovers, 1, "no temporary file left behind");
+    }
+
+    #[test]
+    fn lists_sorted_and_finds_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = RootedFs::new(dir.path());
+        assert!(fs.list("/etc/nodeagent/conf.d").unwrap().is_empty());
+        fs.write_atomic("/etc/group", b"root:x:0:\nnodeagent:x:995:alice\n", 0o644)
+            .unwrap();
+        fs.write_atomic("/d/b.toml", b"", 0o644).unwrap();
+        fs.write_atomic("/d/a.toml", b"", 0o644).unwrap();
+        assert_eq!(fs.list("/d").unwrap(), ["a.toml", "b.toml"]);
+        assert_eq!(fs.group_id("nodeagent").unwrap(), Some(995));
+        assert_eq!(fs.group_id("docker").unwrap(), None);
     }
 }

@@ -52,6 +52,30 @@ pub trait Imds: Send + Sync {
         self.required("/latest/meta-data/ami-id").await
     }
 
+    /// The instance's user-data; `None` when it has none.
+    async fn user_data(&self) -> Result<Option<String>, ImdsError> {
+        self.get("/latest/user-data").await
+    }
+
+    /// The instance's tags whose key starts with `prefix`, `None` when tags are not in the
+    /// instance metadata (the instance's `InstanceMetadataTags` option is disabled).
+    async fn tags(&self, prefix: &str) -> Result<Option<Vec<(String, String)>>, ImdsError> {
+        let Some(keys) = self.get("/latest/meta-data/tags/instance").await? else {
+            return Ok(None);
+        };
+        let mut tags = Vec::new();
+        for key in keys.lines().filter(|k| k.starts_with(prefix)) {
+            // A tag removed between the listing and now is simply gone.
+            if let Some(value) = self
+                .get(&format!("/latest/meta-data/tags/instance/{key}"))
+                .await?
+            {
+                tags.push((key.to_string(), value));
+            }
+        }
+        Ok(Some(tags))
+    }
+
     /// An item every EC2 instance has: a 404 is an error.
     async fn required(&self, path: &str) -> Result<String, ImdsError> {
         self.get(path).await?.ok_or_else(|| ImdsError {

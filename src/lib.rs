@@ -1,9 +1,9 @@
 //! nodeagent: boots an Amazon ECS node's foundational tasks (Consul agent, proxy, registrator)
 //! from EC2 instance metadata, replacing the user-data script that used to do it.
 //!
-//! Data flows one way: facts → config → render → runtime, with the CLI on top. The boundary
-//! modules (`imds`, `ec2`, `ecs`, `agent`, `hostfs`) each hide one external system behind a
-//! small trait and never import each other.
+//! Data flows one way: facts → config → render → runtime → supervisor → status, with the CLI
+//! on top. The boundary modules (`imds`, `ec2`, `ecs`, `agent`, `docker`, `hostfs`, `systemd`)
+//! each hide one external system behind a small trait and never import each other.
 
 pub mod agent;
 pub mod aws;
@@ -17,7 +17,10 @@ pub mod ecs_config;
 pub mod facts;
 pub mod hostfs;
 pub mod imds;
+pub mod logging;
 pub mod render;
 pub mod retry;
 pub mod runtime;
+pub mod status;
 pub mod supervisor;
+pub mod systemd;

@@ -351,15 +351,15 @@ mod tests {
     fn hostile_values_stay_literal_in_every_format() {
         let hostile = "a\"b'c\n{{ x }}$(reboot)`id`\\ \u{2028}end";
         let toml_str = |s: &str| toml::Value::String(s.into()).to_string();
-        let settings = from_fragments(&[Fragment {
-            origin: "test".into(),
-            text: format!(
+        let settings = from_fragments(&[Fragment::file(
+            "test",
+            format!(
                 "[consul]\ndatacenter = {dc}\n[vars]\nv = {dc}\n\
                  [tasks.linkerd.files.\"/x/out.sh\"]\ntemplate = \"/t/sh\"\nmode = \"0755\"\n\
                  [tasks.linkerd.files.\"/x/out.yml\"]\ntemplate = \"/t/yml\"\nmode = \"0644\"\n",
                 dc = toml_str(hostile)
             ),
-        }])
+        )])
         .unwrap();
         let read = |p: &str| -> anyhow::Result<String> {
             Ok(match p {
@@ -386,11 +386,10 @@ mod tests {
 
     #[test]
     fn undefined_variables_are_errors() {
-        let settings = from_fragments(&[Fragment {
-            origin: "test".into(),
-            text: "[tasks.linkerd.files.\"/x/a.json\"]\ntemplate = \"/t\"\nmode = \"0644\"\n"
-                .into(),
-        }])
+        let settings = from_fragments(&[Fragment::file(
+            "test",
+            "[tasks.linkerd.files.\"/x/a.json\"]\ntemplate = \"/t\"\nmode = \"0644\"\n",
+        )])
         .unwrap();
         let facts = facts();
         let ctx = Context {

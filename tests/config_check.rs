@@ -73,6 +73,8 @@ fn broken_configurations_exit_2_each_with_its_own_message() {
         ("runtime = \"docker\"\n[tasks.linkerd.container]\nmounts = [\"relative:/x\"]\n".into(), "is not \"/host/path:/container/path[:ro]\""),
         ("[ecs]\njoin = false\n".into(), "ecs.join = false needs runtime = \"docker\""),
         ("[supervision]\nbackoff_initial = \"1m\"\nbackoff_max = \"1s\"\n".into(), "backoff_initial must be > 0 and <= backoff_max"),
+        ("[status]\nsocket = \"run/nodeagent.sock\"\n".into(), "status.socket = \"run/nodeagent.sock\" must be an absolute file path"),
+        ("[metrics]\nlisten = \"9113\"\n".into(), "expected ADDRESS:PORT such as \"127.0.0.1:9113\""),
     ];
     assert!(cases.len() >= 10);
     let mut messages = std::collections::BTreeSet::new();
@@ -87,4 +89,27 @@ fn broken_configurations_exit_2_each_with_its_own_message() {
         messages.insert(stderr);
     }
     assert_eq!(messages.len(), cases.len(), "each case has its own message");
+}
+
+#[test]
+fn conf_d_fragments_are_read_in_order_and_located() {
+    let root = tempfile::tempdir().unwrap();
+    let conf_d = root.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    std::fs::write(conf_d.join("20-later.toml"), "cluster = \"from-20\"\n").unwrap();
+    std::fs::write(conf_d.join("10-first.toml"), "cluster = \"from-10\"\n").unwrap();
+    std::fs::write(conf_d.join("README"), "not toml, not read").unwrap();
+    let out = check(root.path(), "cluster = \"from-main\"\n");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("cluster from-20"), "{stdout}");
+
+    std::fs::write(conf_d.join("30-typo.toml"), "\n[ecs]\njion = true\n").unwrap();
+    let out = check(root.path(), "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let at = format!(
+        "{}:3:1: unknown field `jion`",
+        conf_d.join("30-typo.toml").display()
+    );
+    assert!(stderr.contains(&at), "{stderr}");
 }

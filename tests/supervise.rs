@@ -4,7 +4,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 use support::agent::{consul_http, docker_config, Agent, Ports};
 use support::docker::{free_port, Engine, IMAGE};
@@ -109,21 +108,9 @@ fn a_killed_removed_or_crashed_container_is_replaced() {
 
     // SIGTERM stops nodeagent alone: the node keeps its tasks.
     let before = running(&engine, &world);
-    sigterm(agent.child.id());
-    wait_for(Duration::from_secs(10), "nodeagent to exit", || {
-        !agent.alive()
-    });
+    assert!(agent.sigterm().success());
     assert!(agent.log().contains("stopping; the tasks keep running"));
     assert_eq!(running(&engine, &world), before);
-}
-
-fn sigterm(pid: u32) {
-    let status = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]

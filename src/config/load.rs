@@ -5,6 +5,7 @@
 //! replaces the one below it) and the result is validated as a whole.
 
 use super::Settings;
+use std::collections::BTreeMap;
 use std::fmt;
 use toml::Table;
 
@@ -16,6 +17,43 @@ pub const DEFAULTS: &str = include_str!("defaults.toml");
 pub struct Fragment {
     pub origin: String,
     pub text: String,
+    /// The settings are the document's `[nodeagent]` table, not the whole document (EC2
+    /// user-data, which other tools may share).
+    pub in_nodeagent_table: bool,
+}
+
+impl Fragment {
+    /// A configuration file: the whole document is nodeagent's.
+    pub fn file(origin: impl Into<String>, text: impl Into<String>) -> Fragment {
+        Fragment {
+            origin: origin.into(),
+            text: text.into(),
+            in_nodeagent_table: false,
+        }
+    }
+
+    /// EC2 user-data, when it is a TOML document with a `[nodeagent]` table (any other
+    /// user-data — a shell script, cloud-config — is not ours and gives `None`).
+    pub fn user_data(text: &str) -> Option<Fragment> {
+        let ours = text.lines().any(|l| {
+            let l = l.trim();
+            l == "[nodeagent]" || l.starts_with("[nodeagent.")
+        });
+        ours.then(|| Fragment {
+            origin: "EC2 user-data".into(),
+            text: text.into(),
+            in_nodeagent_table: true,
+        })
+    }
+}
+
+/// The merged settings and, per leaf key (dotted, as `config show` prints it), the layer that
+/// set it.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub settings: Settings,
+    pub merged: Table,
+    pub origins: BTreeMap<String, String>,
 }
 
 /// A configuration that cannot be used. Exit status 2.
@@ -70,18 +108,101 @@ impl ConfigError {
 
 /// Builds validated settings from the defaults and the given fragments, later ones winning.
 pub fn from_fragments(fragments: &[Fragment]) -> Result<Settings, ConfigError> {
-    let mut merged = parse(&Fragment {
-        origin: "built-in defaults".into(),
-        text: DEFAULTS.into(),
-    })?;
-    for fragment in fragments {
-        merge(&mut merged, parse(fragment)?);
+    Ok(from_layers(fragments, &[])?.settings)
+}
+
+/// The whole pipeline: built-in defaults, then `fragments` in order, then EC2 instance tags
+/// (`KEY` of a `nodeagent:KEY` tag, a dotted path such as `consul.datacenter`), later winning;
+/// then the merged result is validated.
+pub fn from_layers(
+    fragments: &[Fragment],
+    tags: &[(String, String)],
+) -> Result<Loaded, ConfigError> {
+    let defaults = Fragment::file("built-in defaults", DEFAULTS);
+    let mut merged = Table::new();
+    let mut origins = BTreeMap::new();
+    for fragment in std::iter::once(&defaults).chain(fragments) {
+        let table = parse(fragment)?;
+        merge(&mut merged, table, &fragment.origin, "", &mut origins);
     }
-    let settings: Settings = toml::Value::Table(merged)
+    let mut tags: Vec<&(String, String)> = tags.iter().collect();
+    tags.sort();
+    for (key, value) in tags {
+        let origin = format!("instance tag {TAG_PREFIX}{key}");
+        let table = tag_table(key, value, &merged).map_err(|message| ConfigError::Syntax {
+            origin: origin.clone(),
+            line: 1,
+            column: 1,
+            message,
+        })?;
+        merge(&mut merged, table, &origin, "", &mut origins);
+    }
+    let settings: Settings = toml::Value::Table(merged.clone())
         .try_into()
         .map_err(|e: toml::de::Error| ConfigError::Invalid(vec![e.message().to_string()]))?;
     settings.validate().map_err(ConfigError::Invalid)?;
-    Ok(settings)
+    Ok(Loaded {
+        settings,
+        merged,
+        origins,
+    })
+}
+
+/// Instance tags whose key starts with this configure nodeagent.
+pub const TAG_PREFIX: &str = "nodeagent:";
+
+/// One tag as a table. Tags are text: a value becomes a string where the layers below hold a
+/// string (or nothing that parses otherwise), else it is read as a TOML value (`true`, `30`,
+/// `["a"]`), so `nodeagent:ecs.join = false` is a boolean.
+fn tag_table(key: &str, value: &str, below: &Table) -> Result<Table, String> {
+    let path: Vec<&str> = key.split('.').collect();
+    if path.iter().any(|p| p.is_empty()) {
+        return Err(format!(
+            "{key:?} is not a dotted key such as consul.datacenter"
+        ));
+    }
+    let mut existing = Some(below);
+    let mut at: Option<&toml::Value> = None;
+    for (i, part) in path.iter().enumerate() {
+        let v = existing.and_then(|t| t.get(*part));
+        if i + 1 == path.len() {
+            at = v;
+        }
+        existing = v.and_then(toml::Value::as_table);
+    }
+    let parsed = toml::from_str::<Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"));
+    let value = match (at, parsed) {
+        (Some(toml::Value::String(_)), _) | (_, None) => toml::Value::String(value.to_string()),
+        (_, Some(v)) => v,
+    };
+    let mut table = Table::new();
+    let mut leaf = value;
+    for part in path.iter().skip(1).rev() {
+        let mut t = Table::new();
+        t.insert(part.to_string(), leaf);
+        leaf = toml::Value::Table(t);
+    }
+    table.insert(path[0].to_string(), leaf);
+    toml::Value::Table(table.clone())
+        .try_into::<Settings>()
+        .map_err(|e| {
+            format!(
+                "{key} = {:?}: {}",
+                value_text(&table, &path),
+                e.message().trim_end()
+            )
+        })?;
+    Ok(table)
+}
+
+fn value_text(table: &Table, path: &[&str]) -> String {
+    let mut v = table.get(path[0]);
+    for part in &path[1..] {
+        v = v.and_then(|v| v.get(*part));
+    }
+    v.map(ToString::to_string).unwrap_or_default()
 }
 
 /// Parses one fragment, checking its types and keys against [`Settings`].
@@ -98,19 +219,81 @@ fn parse(fragment: &Fragment) -> Result<Table, ConfigError> {
             message: e.message().trim_end().to_string(),
         }
     };
-    let table: Table = toml::from_str(&fragment.text).map_err(located)?;
+    let mut table: Table = toml::from_str(&fragment.text).map_err(located)?;
+    if fragment.in_nodeagent_table {
+        /// The shared document: other tables are someone else's.
+        #[derive(serde::Deserialize)]
+        struct Shared {
+            #[allow(dead_code)]
+            nodeagent: Settings,
+        }
+        toml::from_str::<Shared>(&fragment.text).map_err(located)?;
+        return match table.remove("nodeagent") {
+            Some(toml::Value::Table(t)) => Ok(t),
+            _ => Err(ConfigError::Syntax {
+                origin: fragment.origin.clone(),
+                line: 1,
+                column: 1,
+                message: "`nodeagent` must be a table".into(),
+            }),
+        };
+    }
     toml::from_str::<Settings>(&fragment.text).map_err(located)?;
     Ok(table)
 }
 
-fn merge(base: &mut Table, over: Table) {
+/// Merges `over` into `base` (tables key by key, anything else replaces), noting the origin of
+/// every leaf it sets.
+fn merge(
+    base: &mut Table,
+    over: Table,
+    origin: &str,
+    prefix: &str,
+    origins: &mut BTreeMap<String, String>,
+) {
     for (key, value) in over {
+        let path = format!("{prefix}{}", dotted_key(&key));
         match (base.get_mut(&key), value) {
-            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => merge(below, above),
+            (Some(toml::Value::Table(below)), toml::Value::Table(above)) => {
+                merge(below, above, origin, &format!("{path}."), origins)
+            }
             (_, value) => {
+                origins.retain(|k, _| !(k == &path || k.starts_with(&format!("{path}."))));
+                note_leaves(&value, &path, origin, origins);
                 base.insert(key, value);
             }
         }
+    }
+}
+
+fn note_leaves(
+    value: &toml::Value,
+    path: &str,
+    origin: &str,
+    origins: &mut BTreeMap<String, String>,
+) {
+    match value {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                note_leaves(v, &format!("{path}.{}", dotted_key(k)), origin, origins);
+            }
+        }
+        _ => {
+            origins.insert(path.to_string(), origin.to_string());
+        }
+    }
+}
+
+/// A key as it appears in a dotted TOML key: bare when it can be, else quoted.
+pub fn dotted_key(key: &str) -> String {
+    let bare = !key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if bare {
+        key.to_string()
+    } else {
+        toml::Value::String(key.to_string()).to_string()
     }
 }
 
@@ -127,10 +310,7 @@ mod tests {
     use super::*;
 
     fn frag(text: &str) -> Fragment {
-        Fragment {
-            origin: "/etc/nodeagent/nodeagent.toml".into(),
-            text: text.into(),
-        }
+        Fragment::file("/etc/nodeagent/nodeagent.toml", text)
     }
 
     #[test]
@@ -176,5 +356,76 @@ mod tests {
     fn later_fragments_win() {
         let s = from_fragments(&[frag("cluster = \"a\""), frag("cluster = \"b\"")]).unwrap();
         assert_eq!(s.cluster, "b");
+    }
+
+    #[test]
+    fn every_layer_wins_over_the_ones_below_and_is_named() {
+        let user_data = "#!/not/a/script\n[other]\nx = 1\n[nodeagent]\ncluster = \"from-user-data\"\n[nodeagent.consul]\ndatacenter = \"ud\"\n";
+        let layers = [
+            Fragment::file(
+                "/etc/nodeagent/nodeagent.toml",
+                "cluster = \"from-file\"\n[supervision]\nlog_lines = 5\n[vars]\na = \"file\"\n",
+            ),
+            Fragment::file(
+                "/etc/nodeagent/conf.d/10-a.toml",
+                "cluster = \"from-conf-d\"\n[vars]\na = \"conf.d\"\n",
+            ),
+            Fragment::user_data(user_data).expect("a [nodeagent] document"),
+        ];
+        let tags = [
+            ("consul.datacenter".to_string(), "dc-tag".to_string()),
+            ("ecs.join".to_string(), "true".to_string()),
+            ("vars.port".to_string(), "4140".to_string()),
+        ];
+        let loaded = from_layers(&layers, &tags).unwrap();
+        let s = &loaded.settings;
+        assert_eq!(s.cluster, "from-user-data");
+        assert_eq!(s.consul.datacenter, "dc-tag");
+        assert_eq!(s.supervision.log_lines, 5);
+        assert_eq!(s.vars["a"].as_str(), Some("conf.d"));
+        assert_eq!(s.vars["port"].as_integer(), Some(4140));
+        let o = |k: &str| loaded.origins[k].as_str();
+        assert_eq!(o("cluster"), "EC2 user-data");
+        assert_eq!(
+            o("consul.datacenter"),
+            "instance tag nodeagent:consul.datacenter"
+        );
+        assert_eq!(o("supervision.log_lines"), "/etc/nodeagent/nodeagent.toml");
+        assert_eq!(o("vars.a"), "/etc/nodeagent/conf.d/10-a.toml");
+        assert_eq!(o("runtime"), "built-in defaults");
+        assert_eq!(
+            o("tasks.consul-agent.files.\"/opt/consul/config/consul-agent.json\".template"),
+            "built-in defaults"
+        );
+    }
+
+    #[test]
+    fn user_data_that_is_not_ours_is_ignored() {
+        assert!(
+            Fragment::user_data("#!/bin/bash\necho ECS_CLUSTER=x >> /etc/ecs/ecs.config\n")
+                .is_none()
+        );
+        assert!(Fragment::user_data("#cloud-config\nruncmd: []\n").is_none());
+    }
+
+    #[test]
+    fn broken_user_data_and_tags_are_located() {
+        let ud = Fragment::user_data("[nodeagent]\ncluster = \"a\"\nclustre = \"b\"\n").unwrap();
+        let err = from_layers(&[ud], &[]).unwrap_err().to_string();
+        assert!(
+            err.starts_with("EC2 user-data:3:1: unknown field `clustre`"),
+            "{err}"
+        );
+        let err = from_layers(&[], &[("ecs.agent_timeout".into(), "soon".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("instance tag nodeagent:ecs.agent_timeout:1:1: ecs.agent_timeout = \"\\\"soon\\\"\""),
+            "{err}"
+        );
+        let err = from_layers(&[], &[("consul..x".into(), "1".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a dotted key"), "{err}");
     }
 }

@@ -7,7 +7,9 @@
 
 mod load;
 
-pub use load::{from_fragments, ConfigError, Fragment, DEFAULTS};
+pub use load::{
+    dotted_key, from_fragments, from_layers, ConfigError, Fragment, Loaded, DEFAULTS, TAG_PREFIX,
+};
 
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,6 +34,8 @@ pub struct Settings {
     pub consul: Consul,
     pub ecs: Ecs,
     pub supervision: Supervision,
+    pub status: Status,
+    pub metrics: Metrics,
     /// Free-form values made available to templates as `vars.*`.
     pub vars: BTreeMap<String, toml::Value>,
     /// The node's foundational tasks, keyed by name so layers merge per task.
@@ -73,6 +77,24 @@ pub struct Supervision {
     pub stop_grace: Duration,
     /// Lines of a crash-looping task's output written to the log.
     pub log_lines: usize,
+}
+
+/// The status API (`nodeagent status`, `GET /v1/status`).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Status {
+    /// Unix socket the agent serves its status on (mode 0660, group `nodeagent`). Under `--root`
+    /// when given. Never a TCP port: the status names the node's internals.
+    pub socket: String,
+}
+
+/// The Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Metrics {
+    /// `ADDRESS:PORT` to serve `GET /metrics` on, e.g. "127.0.0.1:9113"; empty (the default)
+    /// serves nothing.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -353,6 +375,20 @@ impl Settings {
                 "ecs.join = false needs runtime = \"docker\": ECS tasks need a container instance"
                     .into(),
             );
+        }
+        if !self.status.socket.starts_with('/') || self.status.socket.ends_with('/') {
+            problems.push(format!(
+                "status.socket = {:?} must be an absolute file path",
+                self.status.socket
+            ));
+        }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            problems.push(format!(
+                "metrics.listen = {:?}: expected ADDRESS:PORT such as \"127.0.0.1:9113\", or \"\" for no metrics",
+                self.metrics.listen
+            ));
         }
         let sup = &self.supervision;
         if sup.backoff_initial.is_zero() || sup.backoff_max < sup.backoff_initial {

@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -106,6 +106,8 @@ pub struct TaskStatus {
     pub instance: Option<String>,
     pub last_exit: Option<Exit>,
     pub health: Option<String>,
+    /// How long the last health check took.
+    pub health_latency: Option<Duration>,
     /// The current instance was found running, not started by this nodeagent.
     pub adopted: bool,
 }
@@ -132,6 +134,7 @@ struct Slot {
     healthy_since: Option<Instant>,
     probe_failures: u32,
     last_probe: Option<String>,
+    last_probe_took: Option<Duration>,
     last_exit: Option<Exit>,
     next_start: Option<Instant>,
     next_probe: Option<Instant>,
@@ -142,7 +145,7 @@ struct Slot {
 
 enum Job {
     Started(usize, anyhow::Result<Instance>),
-    Probed(usize, String, Result<(), String>),
+    Probed(usize, String, Duration, Result<(), String>),
     Stopped(usize, String),
 }
 
@@ -157,6 +160,23 @@ pub struct Supervisor {
     /// Under `Until::AllStarted`, a start that failed ends the run with this error.
     fatal: Option<anyhow::Error>,
     until: Until,
+    /// Liveness questions ([`Liveness`]), answered by the loop itself.
+    pings: mpsc::Receiver<oneshot::Sender<()>>,
+    ping_sender: mpsc::Sender<oneshot::Sender<()>>,
+}
+
+/// Asks the supervision loop whether it is turning: the loop answers between two of its steps,
+/// so a loop stuck in a call (a hung engine) does not answer. Feeds the systemd watchdog.
+#[derive(Clone)]
+pub struct Liveness(mpsc::Sender<oneshot::Sender<()>>);
+
+impl Liveness {
+    /// Whether the loop answered within `within`.
+    pub async fn responsive(&self, within: Duration) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let asked = async { self.0.send(tx).await.is_ok() && rx.await.is_ok() };
+        tokio::time::timeout(within, asked).await.unwrap_or(false)
+    }
 }
 
 impl Supervisor {
@@ -176,6 +196,7 @@ impl Supervisor {
                 healthy_since: None,
                 probe_failures: 0,
                 last_probe: None,
+                last_probe_took: None,
                 last_exit: None,
                 next_start: Some(Instant::now()),
                 next_probe: None,
@@ -185,6 +206,7 @@ impl Supervisor {
             })
             .collect();
         let (status, _) = watch::channel(Vec::new());
+        let (ping_sender, pings) = mpsc::channel(1);
         Supervisor {
             runtime,
             policy,
@@ -194,7 +216,14 @@ impl Supervisor {
             unclaimed_exits: HashMap::new(),
             fatal: None,
             until: Until::Shutdown,
+            pings,
+            ping_sender,
         }
+    }
+
+    /// A handle to ask whether the loop is turning.
+    pub fn liveness(&self) -> Liveness {
+        Liveness(self.ping_sender.clone())
     }
 
     /// Task states, updated at every change.
@@ -242,6 +271,9 @@ impl Supervisor {
                 .unwrap_or(next_reconcile);
             tokio::select! {
                 _ = &mut shutdown, if until == Until::Shutdown => return Ok(()),
+                Some(reply) = self.pings.recv() => {
+                    let _ = reply.send(());
+                }
                 event = next_event(&mut events) => match event {
                     Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {
@@ -331,7 +363,9 @@ impl Supervisor {
                     let timeout = slot.spec.timeout;
                     let id = inst.id.clone();
                     jobs.spawn(async move {
-                        Job::Probed(i, id, health::check(&http, &probe, timeout).await)
+                        let t = Instant::now();
+                        let result = health::check(&http, &probe, timeout).await;
+                        Job::Probed(i, id, t.elapsed(), result)
                     });
                 }
             }
@@ -365,12 +399,13 @@ impl Supervisor {
                 slot.next_start = Some(Instant::now() + delay);
                 warn!(task = %slot.spec.name, retry_in = ?delay, error = %format!("{e:#}"), "could not start the task");
             }
-            Job::Probed(i, id, result) => {
+            Job::Probed(i, id, took, result) => {
                 let slot = &mut self.slots[i];
                 slot.probing = false;
                 if slot.instance.as_ref().map(|x| &x.id) != Some(&id) {
                     return; // a probe of an instance that has since been replaced
                 }
+                slot.last_probe_took = Some(took);
                 self.on_probe(i, result, jobs);
             }
             Job::Stopped(i, id) => debug!(task = %self.slots[i].spec.name, %id, "done"),
@@ -626,6 +661,7 @@ impl Supervisor {
                 instance: s.instance.as_ref().map(|i| i.id.clone()),
                 last_exit: s.last_exit.clone(),
                 health: s.last_probe.clone(),
+                health_latency: s.last_probe_took,
                 adopted: s.adopted,
             })
             .collect();

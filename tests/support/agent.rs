@@ -23,6 +23,18 @@ impl Agent {
         config: &std::path::Path,
         name: &str,
     ) -> Agent {
+        Agent::start_with(world, docker, config, name, |_| {})
+    }
+
+    /// Like `start_with_docker`, with `customize` applied to the command before it starts
+    /// (environment, a wrapper).
+    pub fn start_with(
+        world: &World,
+        docker: &str,
+        config: &std::path::Path,
+        name: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> Agent {
         let log = world.root.path().join(format!("{name}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodeagent"));
         cmd.args(["run", "--config"])
@@ -33,10 +45,22 @@ impl Agent {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         world.wire(&mut cmd);
+        customize(&mut cmd);
         Agent {
             child: cmd.spawn().unwrap(),
             log,
         }
+    }
+
+    /// SIGTERM, then wait for the exit.
+    pub fn sigterm(&mut self) -> std::process::ExitStatus {
+        let sent = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {}", self.child.id());
+        self.child.wait().unwrap()
     }
 
     pub fn log(&self) -> String {

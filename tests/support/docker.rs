@@ -105,6 +105,15 @@ impl Engine {
         bollard::Docker::connect_with_unix(&self.socket, 30, &api).expect("raw bollard client")
     }
 
+    /// The engine's dockerd process.
+    pub fn dockerd_pid(&self) -> i32 {
+        std::fs::read_to_string(self.dir.path().join("dockerd.pid"))
+            .expect("the engine's dockerd.pid")
+            .trim()
+            .parse()
+            .expect("a pid in dockerd.pid")
+    }
+
     fn dir_str(&self) -> &str {
         self.dir.path().to_str().unwrap()
     }

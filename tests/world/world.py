@@ -237,19 +237,19 @@ def populate(args, moto_url):
     images = ec2.describe_images(Owners=["amazon"], Filters=[{"Name": "name", "Values": ["amzn2-ami-hvm-*"]}])["Images"]
     image_id = sorted(i["ImageId"] for i in images or ec2.describe_images()["Images"])[0]
 
-    def run(tag, count):
+    def run(tags, count):
         if count <= 0:
             return []
         return ec2.run_instances(
             ImageId=image_id, MinCount=count, MaxCount=count, InstanceType="t3.medium",
-            TagSpecifications=[{"ResourceType": "instance", "Tags": [tag]}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tags}],
         )["Instances"]
 
-    servers = run(args.server_tag, args.servers)
-    stopped = run(args.server_tag, args.stopped_servers)
+    servers = run([args.server_tag], args.servers)
+    stopped = run([args.server_tag], args.stopped_servers)
     if stopped:
         ec2.stop_instances(InstanceIds=[i["InstanceId"] for i in stopped])
-    node_id = run(args.node_tag, 1)[0]["InstanceId"]
+    node_id = run(args.node_tag or [parse_tag("Name=l5d-demo-ecs")], 1)[0]["InstanceId"]
     node = ec2.describe_instances(InstanceIds=[node_id])["Reservations"][0]["Instances"][0]
     return node, [i["PrivateIpAddress"] for i in servers], [i["PrivateIpAddress"] for i in stopped]
 
@@ -599,7 +599,8 @@ def parse_args(argv):
     s.add_argument("--servers", type=int, default=2)
     s.add_argument("--stopped-servers", type=int, default=1)
     s.add_argument("--server-tag", type=parse_tag, default=parse_tag("Name=l5d-demo-consul-server"))
-    s.add_argument("--node-tag", type=parse_tag, default=parse_tag("Name=l5d-demo-ecs"))
+    s.add_argument("--node-tag", type=parse_tag, action="append", metavar="KEY=VALUE",
+                   help="a tag of this node's instance (repeatable; default Name=l5d-demo-ecs)")
     s.add_argument("--task-definitions", default=str(REPO / "packaging" / "task-definitions"))
     s.add_argument("--ecs-config", help="agent comes up only once this file has ECS_CLUSTER=<name>")
     s.add_argument("--agent-ready-after", type=float, default=0.0, metavar="SECONDS")

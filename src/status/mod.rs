@@ -1,0 +1,492 @@
+//! Status: owns what the node reports about itself — one [`NodeStatus`] document, kept current
+//! by the boot and the supervisor through a [`Board`], and the ways it is shown: the JSON of
+//! `GET /v1/status` (field names are stable, see the README), the table of `nodeagent status`,
+//! the one-line summary systemd shows, and the Prometheus text of `GET /metrics`.
+//!
+//! The agent serves it on a Unix socket ([`server`]); `nodeagent status` fetches it
+//! ([`client`]).
+
+pub mod client;
+pub mod metrics;
+pub mod notify;
+pub mod server;
+
+use crate::aws::OpCount;
+use crate::boot::{BootReport, PhaseTime};
+use crate::facts::InstanceFacts;
+use crate::supervisor::{State, TaskStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+
+/// Version of the JSON document; bumped only when a field changes meaning or goes away.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Everything `GET /v1/status` answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub version: u32,
+    /// `null` until IMDS was read.
+    pub instance_id: Option<String>,
+    pub node: Option<Node>,
+    /// `imds`, `join`, `discover`, `render`, `supervise` or `stopping`.
+    pub phase: String,
+    /// What the phase is waiting on, e.g. "waiting for the ECS agent (12 s)".
+    pub phase_detail: Option<String>,
+    /// In `supervise` and every task `healthy`.
+    pub healthy: bool,
+    /// When this agent started (RFC 3339).
+    pub started_at: String,
+    /// Boot phases done so far, with how long each took.
+    pub phases: Vec<Phase>,
+    pub cluster: String,
+    /// `ecs` or `docker`.
+    pub runtime: String,
+    pub container_instance_arn: Option<String>,
+    pub consul: Consul,
+    pub tasks: Vec<Task>,
+    pub files: Vec<File>,
+    /// Calls and errors per AWS operation ("ecs:StartTask") since the agent started.
+    pub aws_calls: BTreeMap<String, OpCount>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    pub local_ipv4: String,
+    pub availability_zone: String,
+    pub instance_type: String,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Phase {
+    pub phase: String,
+    pub started_ms: f64,
+    pub took_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Consul {
+    pub servers: Vec<String>,
+    /// When the servers were found (RFC 3339).
+    pub found_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub name: String,
+    /// `ecs` or `docker`.
+    pub runtime: String,
+    /// `starting`, `healthy`, `unhealthy`, `restarting`, `crash-loop` or `stopped`.
+    pub state: String,
+    /// When the task entered its state (RFC 3339).
+    pub since: String,
+    pub restarts: u64,
+    /// Container id or task ARN of the current instance.
+    pub instance: Option<String>,
+    pub last_exit: Option<Exit>,
+    /// Last health-check result: "ok" or why it failed; `null` before the first check or for
+    /// a task without one.
+    pub health: Option<String>,
+    pub health_latency_ms: Option<f64>,
+    /// The instance was found running, not started by this agent.
+    pub adopted: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Exit {
+    pub code: Option<i64>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct File {
+    pub path: String,
+    pub task: String,
+    pub sha256: String,
+    pub mode: String,
+}
+
+/// The live status: written by the agent's parts, read by the server and the notifier.
+#[derive(Clone)]
+pub struct Board(watch::Sender<NodeStatus>);
+
+impl Board {
+    pub fn new(cluster: &str, runtime: &str) -> Board {
+        let status = NodeStatus {
+            version: SCHEMA_VERSION,
+            phase: "imds".into(),
+            started_at: rfc3339(SystemTime::now()),
+            cluster: cluster.into(),
+            runtime: runtime.into(),
+            ..NodeStatus::default()
+        };
+        Board(watch::channel(status).0)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<NodeStatus> {
+        self.0.subscribe()
+    }
+
+    pub fn snapshot(&self) -> NodeStatus {
+        self.0.borrow().clone()
+    }
+
+    /// Applies `change`; readers wake only if something changed.
+    pub fn update(&self, change: impl FnOnce(&mut NodeStatus)) {
+        self.0.send_if_modified(|status| {
+            let before = status.clone();
+            change(status);
+            status.healthy = status.phase == "supervise"
+                && !status.tasks.is_empty()
+                && status.tasks.iter().all(|t| t.state == "healthy");
+            *status != before
+        });
+    }
+
+    pub fn set_phase(&self, phase: &str) {
+        self.update(|s| {
+            s.phase = phase.into();
+            s.phase_detail = None;
+        });
+    }
+
+    pub fn set_facts(&self, facts: &InstanceFacts) {
+        self.update(|s| {
+            s.instance_id = Some(facts.instance_id.clone());
+            s.node = Some(Node {
+                local_ipv4: facts.local_ipv4.clone(),
+                availability_zone: facts.availability_zone.clone(),
+                instance_type: facts.instance_type.clone(),
+                region: facts.region.clone(),
+            });
+        });
+    }
+
+    /// The boot's findings; `found_at` is when the Consul servers were found.
+    pub fn set_report(&self, report: &BootReport, imds: &PhaseTime, found_at: SystemTime) {
+        self.update(|s| {
+            s.phases = std::iter::once(imds)
+                .chain(&report.phases)
+                .map(|p| Phase {
+                    phase: p.phase.into(),
+                    started_ms: p.started_ms,
+                    took_ms: p.took_ms,
+                })
+                .collect();
+            s.container_instance_arn = report.container_instance_arn.clone();
+            s.consul = Consul {
+                servers: report.consul_servers.clone(),
+                found_at: Some(rfc3339(found_at)),
+            };
+            s.files = report
+                .files
+                .iter()
+                .map(|f| File {
+                    path: f.path.clone(),
+                    task: f.task.clone(),
+                    sha256: f.sha256.clone(),
+                    mode: format!("{:04o}", f.mode),
+                })
+                .collect();
+        });
+    }
+
+    pub fn set_tasks(&self, tasks: &[TaskStatus]) {
+        self.update(|s| {
+            let runtime = s.runtime.clone();
+            s.tasks = tasks
+                .iter()
+                .map(|t| Task {
+                    name: t.name.clone(),
+                    runtime: runtime.clone(),
+                    state: state_name(t.state).into(),
+                    since: rfc3339(t.since),
+                    restarts: t.restarts,
+                    instance: t.instance.clone(),
+                    last_exit: t.last_exit.as_ref().map(|e| Exit {
+                        code: e.code,
+                        reason: e.reason.clone(),
+                    }),
+                    health: t.health.clone(),
+                    health_latency_ms: t.health_latency.map(ms),
+                    adopted: t.adopted,
+                })
+                .collect();
+        });
+    }
+
+    pub fn set_aws_calls(&self, calls: BTreeMap<&'static str, OpCount>) {
+        self.update(|s| s.aws_calls = calls.into_iter().map(|(k, v)| (k.into(), v)).collect());
+    }
+}
+
+pub fn state_name(state: State) -> &'static str {
+    match state {
+        State::Starting => "starting",
+        State::Healthy => "healthy",
+        State::Unhealthy => "unhealthy",
+        State::Restarting => "restarting",
+        State::CrashLoop => "crash-loop",
+        State::Stopped => "stopped",
+    }
+}
+
+impl NodeStatus {
+    /// One line for systemd's `STATUS=` and the journal: what the node is doing or how its
+    /// tasks are.
+    pub fn summary(&self) -> String {
+        match self.phase.as_str() {
+            "imds" => "reading instance metadata".into(),
+            "join" => format!("joining ECS cluster {}", self.cluster),
+            "render" => "rendering config files".into(),
+            "stopping" => "stopping; the tasks keep running".into(),
+            "supervise" if self.tasks.is_empty() => "starting the tasks".into(),
+            "supervise" => {
+                let healthy = self.tasks.iter().filter(|t| t.state == "healthy").count();
+                let mut line = format!("{healthy}/{} tasks healthy", self.tasks.len());
+                for t in self.tasks.iter().filter(|t| t.state != "healthy") {
+                    let _ = write!(line, "; {} {}", t.name, t.state);
+                    if t.restarts > 0 {
+                        let _ = write!(line, " ({} restarts)", t.restarts);
+                    }
+                }
+                line
+            }
+            _ => self
+                .phase_detail
+                .clone()
+                .unwrap_or_else(|| "finding the Consul servers and the ECS agent".into()),
+        }
+    }
+
+    /// The compact table `nodeagent status` prints; ages are relative to `now`.
+    pub fn table(&self, now: SystemTime) -> String {
+        let mut out = String::new();
+        let dash = || "-".to_string();
+        let node = match (&self.instance_id, &self.node) {
+            (Some(id), Some(n)) => format!(
+                "{id} ({}, {}, {})",
+                n.local_ipv4, n.availability_zone, n.instance_type
+            ),
+            _ => "(instance metadata not read yet)".into(),
+        };
+        let _ = writeln!(out, "node       {node}");
+        let _ = writeln!(
+            out,
+            "health     {}",
+            if self.healthy { "healthy" } else { "DEGRADED" }
+        );
+        let _ = writeln!(out, "phase      {}: {}", self.phase, self.summary());
+        if !self.phases.is_empty() {
+            let total = self
+                .phases
+                .iter()
+                .map(|p| p.started_ms + p.took_ms)
+                .fold(0.0, f64::max);
+            let each: Vec<String> = self
+                .phases
+                .iter()
+                .map(|p| format!("{} {}", p.phase, human_ms(p.took_ms)))
+                .collect();
+            let _ = writeln!(out, "boot       {} ({})", human_ms(total), each.join(", "));
+        }
+        let _ = writeln!(
+            out,
+            "cluster    {} (runtime {})",
+            self.cluster, self.runtime
+        );
+        if let Some(arn) = &self.container_instance_arn {
+            let _ = writeln!(out, "instance   {arn}");
+        }
+        if let Some(found) = &self.consul.found_at {
+            let _ = writeln!(
+                out,
+                "consul     {} (found {} ago)",
+                self.consul.servers.join(", "),
+                age(found, now)
+            );
+        }
+        if !self.tasks.is_empty() {
+            let rows: Vec<[String; 6]> = self
+                .tasks
+                .iter()
+                .map(|t| {
+                    [
+                        t.name.clone(),
+                        t.state.clone(),
+                        age(&t.since, now),
+                        t.restarts.to_string(),
+                        t.last_exit.as_ref().map_or_else(dash, |e| match e.code {
+                            Some(c) => format!("{c} ({})", e.reason),
+                            None => e.reason.clone(),
+                        }),
+                        match (&t.health, t.health_latency_ms) {
+                            (Some(h), Some(ms)) => format!("{h} ({})", human_ms(ms)),
+                            (Some(h), None) => h.clone(),
+                            (None, _) => dash(),
+                        },
+                    ]
+                })
+                .collect();
+            out.push('\n');
+            out.push_str(&columns(
+                &["TASK", "STATE", "FOR", "RESTARTS", "LAST EXIT", "HEALTH"],
+                &rows,
+            ));
+        }
+        if !self.files.is_empty() {
+            let rows: Vec<[String; 3]> = self
+                .files
+                .iter()
+                .map(|f| {
+                    [
+                        f.path.clone(),
+                        f.task.clone(),
+                        f.sha256[..12.min(f.sha256.len())].to_string(),
+                    ]
+                })
+                .collect();
+            out.push('\n');
+            out.push_str(&columns(&["FILE", "TASK", "SHA256"], &rows));
+        }
+        out
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+fn columns<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut width = head.map(str::len);
+    for row in rows {
+        for (w, cell) in width.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: Vec<&str>| {
+        let mut l = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == N {
+                l.push_str(cell);
+            } else {
+                let _ = write!(l, "{cell:<w$}  ", w = width[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(head.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+pub fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+/// "3m12s" since an RFC 3339 time.
+fn age(at: &str, now: SystemTime) -> String {
+    let Ok(t) = humantime::parse_rfc3339_weak(at) else {
+        return at.to_string();
+    };
+    let secs = now.duration_since(t).unwrap_or_default().as_secs();
+    humantime::format_duration(Duration::from_secs(secs))
+        .to_string()
+        .replace(' ', "")
+}
+
+fn human_ms(ms: f64) -> String {
+    if ms >= 1000.0 {
+        format!("{:.1}s", ms / 1000.0)
+    } else {
+        format!("{ms:.0}ms")
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(name: &str, state: &str, restarts: u64) -> Task {
+        Task {
+            name: name.into(),
+            runtime: "docker".into(),
+            state: state.into(),
+            since: rfc3339(SystemTime::now()),
+            restarts,
+            ..Task::default()
+        }
+    }
+
+    #[test]
+    fn healthy_means_supervising_with_every_task_healthy() {
+        let board = Board::new("c", "docker");
+        board.update(|s| s.tasks = vec![task("a", "healthy", 0)]);
+        assert!(!board.snapshot().healthy, "still booting");
+        board.set_phase("supervise");
+        assert!(board.snapshot().healthy);
+        board.update(|s| s.tasks.push(task("b", "crash-loop", 6)));
+        let s = board.snapshot();
+        assert!(!s.healthy);
+        assert_eq!(s.summary(), "1/2 tasks healthy; b crash-loop (6 restarts)");
+    }
+
+    #[test]
+    fn the_summary_follows_the_phase() {
+        let board = Board::new("prod", "ecs");
+        assert_eq!(board.snapshot().summary(), "reading instance metadata");
+        board.set_phase("join");
+        assert_eq!(board.snapshot().summary(), "joining ECS cluster prod");
+        board.set_phase("discover");
+        board.update(|s| s.phase_detail = Some("waiting for the ECS agent (12 s)".into()));
+        assert_eq!(
+            board.snapshot().summary(),
+            "waiting for the ECS agent (12 s)"
+        );
+        board.set_phase("supervise");
+        assert_eq!(board.snapshot().summary(), "starting the tasks");
+    }
+
+    #[test]
+    fn the_table_has_a_row_per_task_and_file() {
+        let mut s = NodeStatus {
+            phase: "supervise".into(),
+            tasks: vec![
+                task("consul-agent", "healthy", 0),
+                task("linkerd", "crash-loop", 7),
+            ],
+            files: vec![File {
+                path: "/etc/linkerd/linkerd.yaml".into(),
+                task: "linkerd".into(),
+                sha256: "0123456789abcdef".into(),
+                mode: "0644".into(),
+            }],
+            ..NodeStatus::default()
+        };
+        s.tasks[1].last_exit = Some(Exit {
+            code: Some(3),
+            reason: "exited".into(),
+        });
+        let table = s.table(SystemTime::now());
+        assert!(
+            table.contains("TASK          STATE       FOR  RESTARTS  LAST EXIT   HEALTH"),
+            "{table}"
+        );
+        assert!(
+            table.contains("linkerd       crash-loop  0s   7         3 (exited)  -"),
+            "{table}"
+        );
+        assert!(
+            table.contains("/etc/linkerd/linkerd.yaml  linkerd  0123456789ab"),
+            "{table}"
+        );
+    }
+}

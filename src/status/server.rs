@@ -1,0 +1,162 @@
+//! The status API: owns serving [`NodeStatus`] over HTTP/1.1 (hyper) — `GET /v1/status` (JSON)
+//! and `GET /metrics` (Prometheus text) — on the agent's Unix socket, and `GET /metrics` alone
+//! on the optional TCP metrics address.
+//!
+//! The socket is created mode 0660 (owner root, group `nodeagent` when that group exists), in
+//! a directory created 0750 if missing. A socket left by a dead agent is replaced; one that
+//! still answers means another agent runs, and that is an error.
+
+use super::{metrics, NodeStatus};
+use anyhow::{bail, Context as _};
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{debug, info};
+
+/// A client gets this long to send its request headers.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Permissions of the socket: root and the `nodeagent` group read the node's internals.
+const SOCKET_MODE: u32 = 0o660;
+/// Permissions of a socket directory nodeagent creates (tmpfiles.d normally does).
+const DIR_MODE: u32 = 0o750;
+
+/// What is served: the status as of the request.
+pub type Snapshot = Arc<dyn Fn() -> NodeStatus + Send + Sync>;
+
+/// Binds the status socket at `path` (see the module doc); `group` owns it when given.
+pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("status socket {} has no directory", path.display()))?;
+    if !dir.exists() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the status socket's directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another nodeagent answers on {}: stop it first (systemctl stop nodeagent), or give this one another status.socket",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing the stale status socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .with_context(|| format!("binding the status socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))?;
+    if let Some(gid) = group {
+        std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+            format!("giving the status socket {} to group {gid}", path.display())
+        })?;
+    }
+    Ok(listener)
+}
+
+/// Serves `/v1/status` and `/metrics` on the Unix socket until the task is dropped.
+pub async fn serve_unix(listener: UnixListener, snapshot: Snapshot) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => connection(TokioIo::new(stream), snapshot.clone(), true),
+            Err(e) => {
+                debug!(error = %e, "status socket accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Serves `/metrics` on a TCP address (`metrics.listen`).
+pub async fn bind_metrics(addr: &str) -> anyhow::Result<TcpListener> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr} (metrics.listen)"))?;
+    info!(address = %addr, "serving Prometheus metrics at /metrics");
+    Ok(listener)
+}
+
+pub async fn serve_metrics(listener: TcpListener, snapshot: Snapshot) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => connection(TokioIo::new(stream), snapshot.clone(), false),
+            Err(e) => {
+                debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn connection<IO>(io: IO, snapshot: Snapshot, with_status: bool)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let snapshot = snapshot.clone();
+            async move { Ok::<_, Infallible>(answer(&req, &snapshot, with_status)) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_TIMEOUT)
+            .serve_connection(io, service)
+            .await;
+        if let Err(e) = served {
+            debug!(error = %e, "status connection ended");
+        }
+    });
+}
+
+fn answer(
+    req: &Request<Incoming>,
+    snapshot: &Snapshot,
+    with_status: bool,
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, ctype: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts")
+    };
+    let path = req.uri().path();
+    let known = path == "/metrics" || (with_status && path == "/v1/status");
+    if !known {
+        return reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            format!("no {path} here\n"),
+        );
+    }
+    if req.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET only\n".into(),
+        );
+    }
+    let status = snapshot();
+    if path == "/metrics" {
+        return reply(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics::render(&status),
+        );
+    }
+    match serde_json::to_string_pretty(&status) {
+        Ok(json) => reply(StatusCode::OK, "application/json", json + "\n"),
+        Err(e) => reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            format!("{e}\n"),
+        ),
+    }
+}

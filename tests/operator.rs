@@ -1,0 +1,551 @@
+//! The operator surface against a running agent (docker runtime, a private Docker engine, the
+//! test world): `nodeagent status` (table, JSON, exit codes 0/1/3), the metrics endpoint, the
+//! systemd notify protocol on a real datagram socket (order, readiness, watchdog withheld while
+//! the supervision loop is stuck), and native journal entries on a test journal socket.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::agent::{consul_http, docker_config, Agent, Ports};
+use support::docker::{free_port, Engine};
+use support::World;
+
+const SLEEPER: &str = r#"["sleep", "100000"]"#;
+const CRASHER: &str = r#"["sh", "-c", "echo registrator cannot reach consul; exit 3"]"#;
+
+fn ports() -> Ports {
+    Ports {
+        consul: free_port(),
+        linkerd: free_port(),
+    }
+}
+
+/// `nodeagent status --root ROOT ARGS...`: exit code, stdout, stderr.
+fn status(world: &World, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
+        .arg("status")
+        .arg("--root")
+        .arg(world.root.path())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn status_json(world: &World) -> Option<serde_json::Value> {
+    let (code, out, _) = status(world, &["--json"]);
+    (code == 0 || code == 1).then(|| serde_json::from_str(&out).expect("status --json is JSON"))
+}
+
+fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    assert!(
+        support::eventually(limit, &mut cond),
+        "timed out waiting for {what}"
+    );
+}
+
+fn task<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    find_task(status, name).unwrap_or_else(|| panic!("no task {name} in {status}"))
+}
+
+fn find_task<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    status["tasks"]
+        .as_array()?
+        .iter()
+        .find(|t| t["name"] == name)
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+#[test]
+fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let p = ports();
+    let metrics = free_port();
+    let config = docker_config(
+        &world,
+        &p,
+        SLEEPER,
+        &consul_http(&p),
+        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\""),
+    );
+
+    let (code, _, err) = status(&world, &[]);
+    assert_eq!(code, 3, "no agent yet: {err}");
+    assert!(
+        err.contains("nodeagent is not running") && err.contains("no socket"),
+        "{err}"
+    );
+
+    let mut agent = Agent::start(&world, &engine, &config, "agent");
+    wait_for(Duration::from_secs(40), "status to answer 0", || {
+        status(&world, &[]).0 == 0
+    });
+    let (_, table, _) = status(&world, &[]);
+    let node = format!(
+        "node       {} ({}",
+        world.info.instance_id, world.info.local_ipv4
+    );
+    assert!(table.contains(&node), "{table}");
+    assert!(table.contains("health     healthy"), "{table}");
+    assert!(
+        table.contains("phase      supervise: 3/3 tasks healthy"),
+        "{table}"
+    );
+    for t in ["consul-agent", "consul-registrator", "linkerd"] {
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(&format!("{t} ")))
+            .unwrap_or_else(|| panic!("no row for {t}: {table}"));
+        assert!(row.contains(" healthy "), "{row}");
+    }
+    assert!(
+        table.contains("FILE") && table.contains("/etc/linkerd/linkerd.yaml"),
+        "{table}"
+    );
+
+    let s = status_json(&world).unwrap();
+    assert_eq!(s["version"], 1);
+    assert_eq!(s["instance_id"], world.info.instance_id.as_str());
+    assert_eq!(s["phase"], "supervise");
+    assert_eq!(s["healthy"], true);
+    assert_eq!(s["runtime"], "docker");
+    assert_eq!(s["node"]["local_ipv4"], world.info.local_ipv4.as_str());
+    assert_eq!(s["consul"]["servers"].as_array().unwrap().len(), 2);
+    let phases: Vec<&str> = s["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(phases, ["imds", "discover", "render"], "ecs.join = false");
+    for name in ["consul-agent", "consul-registrator", "linkerd"] {
+        let t = task(&s, name);
+        assert_eq!(t["state"], "healthy", "{t}");
+        assert_eq!(t["restarts"], 0, "{t}");
+        assert!(t["since"].as_str().unwrap().ends_with('Z'), "{t}");
+        assert!(t["last_exit"].is_null(), "{t}");
+        assert!(t["instance"].as_str().is_some_and(|i| i.len() == 64), "{t}");
+    }
+    assert_eq!(task(&s, "linkerd")["health"], "ok");
+    // The checksums are those of the files on disk.
+    for f in s["files"].as_array().unwrap() {
+        use sha2::Digest;
+        let on_disk = std::fs::read(world.path(f["path"].as_str().unwrap())).unwrap();
+        assert_eq!(f["sha256"], format!("{:x}", sha2::Sha256::digest(&on_disk)));
+    }
+
+    // The same document, as Prometheus metrics.
+    let m = http_get(metrics, "/metrics");
+    assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
+    assert!(m.contains("nodeagent_healthy 1\n"), "{m}");
+    assert!(
+        m.contains("nodeagent_task_state{task=\"linkerd\",state=\"healthy\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("nodeagent_task_restarts_total{task=\"consul-agent\"} 0\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("nodeagent_boot_phase_seconds{phase=\"discover\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("nodeagent_aws_calls_total{operation=\"ec2:DescribeInstances\"} 1\n"),
+        "{m}"
+    );
+    assert!(
+        m.contains("nodeagent_health_check_seconds{task=\"linkerd\"}"),
+        "{m}"
+    );
+    assert!(
+        http_get(metrics, "/v1/status").starts_with("HTTP/1.0 404"),
+        "status only on the socket"
+    );
+
+    // The socket is 0660, and a second agent on it is refused.
+    let socket = world.path("/run/nodeagent/nodeagent.sock");
+    assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o660);
+    let mut second = Agent::start(&world, &engine, &config, "second");
+    wait_for(Duration::from_secs(20), "the second agent to exit", || {
+        !second.alive()
+    });
+    assert!(
+        second.log().contains("another nodeagent answers on"),
+        "{}",
+        second.log()
+    );
+    assert_eq!(status(&world, &[]).0, 0, "the first agent still answers");
+
+    // SIGTERM: the socket goes away with the agent.
+    assert!(agent.sigterm().success());
+    assert!(!socket.exists());
+    let (code, _, err) = status(&world, &[]);
+    assert_eq!(code, 3, "{err}");
+
+    // SIGKILL leaves a stale socket: still 3, and the next agent replaces it.
+    let mut agent = Agent::start(&world, &engine, &config, "third");
+    wait_for(Duration::from_secs(40), "the third agent", || {
+        status(&world, &[]).0 == 0
+    });
+    agent.sigkill();
+    assert!(socket.exists(), "a killed agent cannot clean up");
+    let (code, _, err) = status(&world, &["--socket", socket.to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("connection refused"), "{err}");
+    let _fourth = Agent::start(&world, &engine, &config, "fourth");
+    wait_for(Duration::from_secs(40), "the fourth agent", || {
+        status(&world, &[]).0 == 0
+    });
+}
+
+#[test]
+fn a_crash_looping_task_makes_status_exit_1_and_shows_why() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let p = ports();
+    let config = docker_config(
+        &world,
+        &p,
+        CRASHER,
+        &consul_http(&p),
+        "crash_loop_restarts = 3",
+    );
+    let _agent = Agent::start(&world, &engine, &config, "agent");
+    wait_for(Duration::from_secs(60), "registrator in crash-loop", || {
+        status_json(&world).is_some_and(|s| {
+            find_task(&s, "consul-registrator").is_some_and(|t| t["state"] == "crash-loop")
+        })
+    });
+    let (code, table, _) = status(&world, &[]);
+    assert_eq!(code, 1, "degraded: {table}");
+    assert!(table.contains("health     DEGRADED"), "{table}");
+    assert!(
+        table.contains("consul-registrator crash-loop"),
+        "the summary names it: {table}"
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("consul-registrator "))
+        .unwrap();
+    assert!(
+        row.contains("crash-loop") && row.contains(" 3 ("),
+        "exit code 3: {row}"
+    );
+
+    let s = status_json(&world).unwrap();
+    assert_eq!(s["healthy"], false);
+    let t = task(&s, "consul-registrator");
+    assert!(t["restarts"].as_u64().unwrap() >= 3, "{t}");
+    assert_eq!(t["last_exit"]["code"], 3, "{t}");
+    assert_eq!(task(&s, "linkerd")["state"], "healthy");
+}
+
+/// Every datagram received on a socket, with when it arrived.
+type Received = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
+
+struct Listener {
+    got: Received,
+}
+
+impl Listener {
+    fn bind(path: &Path) -> Listener {
+        let socket = UnixDatagram::bind(path).unwrap();
+        let got: Received = Arc::default();
+        let sink = got.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            while let Ok(n) = socket.recv(&mut buf) {
+                sink.lock()
+                    .unwrap()
+                    .push((Instant::now(), buf[..n].to_vec()));
+            }
+        });
+        Listener { got }
+    }
+
+    fn datagrams(&self) -> Vec<Vec<u8>> {
+        self.got
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    fn messages(&self) -> Vec<(Instant, String)> {
+        let got = self.got.lock().unwrap();
+        got.iter()
+            .map(|(t, d)| (*t, String::from_utf8_lossy(d).into_owned()))
+            .collect()
+    }
+
+    fn texts(&self) -> Vec<String> {
+        self.messages().into_iter().map(|(_, m)| m).collect()
+    }
+}
+
+/// SIGCONTs the engine whatever happens, so it can be stopped.
+struct Frozen(i32);
+
+impl Frozen {
+    fn freeze(pid: i32) -> Frozen {
+        assert!(Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_stuck() {
+    let world = World::start(&[]);
+    let engine = Engine::start();
+    let p = ports();
+    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p), "");
+    let notify = world.root.path().join("notify.sock");
+    let listener = Listener::bind(&notify);
+    let mut agent = Agent::start_with(&world, &engine.socket, &config, "agent", |cmd| {
+        cmd.env("NOTIFY_SOCKET", &notify)
+            .env("WATCHDOG_USEC", "1000000")
+            .env_remove("WATCHDOG_PID");
+    });
+    wait_for(Duration::from_secs(40), "READY=1", || {
+        listener
+            .texts()
+            .iter()
+            .any(|m| m.lines().any(|l| l == "READY=1"))
+    });
+    wait_for(Duration::from_secs(5), "watchdog pings", || {
+        listener
+            .texts()
+            .iter()
+            .filter(|m| *m == "WATCHDOG=1\n")
+            .count()
+            >= 3
+    });
+
+    let texts = listener.texts();
+    let ready = texts.iter().position(|m| m.contains("READY=1")).unwrap();
+    let statuses: Vec<&str> = texts
+        .iter()
+        .flat_map(|m| m.lines())
+        .filter_map(|l| l.strip_prefix("STATUS="))
+        .collect();
+    assert_eq!(statuses[0], "reading instance metadata", "{texts:#?}");
+    let order = [
+        "reading instance metadata",
+        "finding the Consul servers",
+        "rendering config files",
+        "starting the tasks",
+        "0/3 tasks healthy",
+        "3/3 tasks healthy",
+    ];
+    let mut at = 0;
+    for want in order {
+        at += statuses[at..]
+            .iter()
+            .position(|s| s.contains(want))
+            .unwrap_or_else(|| panic!("no STATUS with {want:?} after #{at}: {statuses:#?}"));
+    }
+    assert!(
+        texts[ready].contains("STATUS=3/3 tasks healthy"),
+        "READY comes with the healthy status: {texts:#?}"
+    );
+    assert!(
+        texts[..ready]
+            .iter()
+            .any(|m| m.contains("EXTEND_TIMEOUT_USEC=30000000")),
+        "the start-up is extended while waiting: {texts:#?}"
+    );
+    let supervising = texts
+        .iter()
+        .position(|m| m.contains("STATUS=starting the tasks"))
+        .unwrap();
+    assert!(
+        texts[..supervising]
+            .iter()
+            .all(|m| !m.contains("WATCHDOG=1")),
+        "the watchdog follows the supervision loop, which starts with the tasks: {texts:#?}"
+    );
+    assert_eq!(
+        texts.iter().filter(|m| m.contains("READY=1")).count(),
+        1,
+        "READY once"
+    );
+
+    // Freeze the engine: the loop's next reconcile (every 2 s) hangs in a Docker call
+    // (bounded at 10 s), and the watchdog pings stop while it hangs.
+    let frozen = Frozen::freeze(engine.dockerd_pid());
+    std::thread::sleep(Duration::from_secs(3));
+    let from = Instant::now();
+    std::thread::sleep(Duration::from_secs(4));
+    let pings_while_stuck = listener
+        .messages()
+        .iter()
+        .filter(|(t, m)| *t >= from && m == "WATCHDOG=1\n")
+        .count();
+    assert_eq!(pings_while_stuck, 0, "{:#?}", listener.texts());
+    assert!(
+        agent.log().contains("withholding watchdog pings"),
+        "{}",
+        agent.log()
+    );
+    drop(frozen);
+    let thawed = Instant::now();
+    wait_for(Duration::from_secs(20), "pings to resume", || {
+        listener
+            .messages()
+            .iter()
+            .any(|(t, m)| *t >= thawed && m == "WATCHDOG=1\n")
+    });
+
+    assert!(agent.sigterm().success());
+    let last = listener.texts().last().cloned().unwrap();
+    assert!(last.starts_with("STOPPING=1\n"), "{last}");
+    assert!(
+        last.contains("STATUS=stopping; the tasks keep running"),
+        "{last}"
+    );
+}
+
+/// One native journal entry: fields by name.
+fn parse_entry(datagram: &[u8]) -> BTreeMap<String, String> {
+    let mut fields = BTreeMap::new();
+    let mut rest = datagram;
+    while !rest.is_empty() {
+        let line_end = rest
+            .iter()
+            .position(|b| *b == b'\n')
+            .expect("a field ends with \\n");
+        let line = &rest[..line_end];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            fields.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            rest = &rest[line_end + 1..];
+        } else {
+            // NAME\n, a little-endian u64 length, the value, \n.
+            let name = String::from_utf8_lossy(line).into_owned();
+            let after = &rest[line_end + 1..];
+            let len = u64::from_le_bytes(after[..8].try_into().unwrap()) as usize;
+            let value = String::from_utf8_lossy(&after[8..8 + len]).into_owned();
+            assert_eq!(after[8 + len], b'\n');
+            fields.insert(name, value);
+            rest = &after[8 + len + 1..];
+        }
+    }
+    fields
+}
+
+#[test]
+fn under_systemd_entries_go_to_the_journal_with_fields() {
+    let world = World::start(&[]);
+    let config = world.config("");
+    // A private /run holding systemd/journal/socket, mounted over /run for nodeagent alone
+    // (a private mount namespace): tracing-journald sends to the real path.
+    let run = world.root.path().join("fake-run");
+    std::fs::create_dir_all(run.join("systemd/journal")).unwrap();
+    // Read as entries arrive: a datagram socket's queue is short, and a full one blocks the
+    // sender.
+    let journal = Listener::bind(&run.join("systemd/journal/socket"));
+    let stderr_path = world.root.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /run && exec "$@""#)
+        .arg(&run)
+        .arg(env!("CARGO_BIN_EXE_nodeagent"))
+        .args(["run", "--once", "--config"])
+        .arg(&config)
+        .arg("--root")
+        .arg(world.root.path())
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(stderr);
+    world.wire(&mut cmd);
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        out.status,
+        std::fs::read_to_string(&stderr_path).unwrap()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let entries: Vec<BTreeMap<String, String>> = journal
+        .datagrams()
+        .iter()
+        .filter(|d| !d.is_empty())
+        .map(|d| parse_entry(d))
+        .collect();
+    assert!(!entries.is_empty(), "nothing reached the journal socket");
+    let stderr_text = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(
+        !stderr_text.contains("INFO"),
+        "events go to the journal, not stderr: {stderr_text}"
+    );
+    for e in &entries {
+        assert_eq!(e["SYSLOG_IDENTIFIER"], "nodeagent", "{e:?}");
+        assert!(
+            e.contains_key("PRIORITY") && e.contains_key("MESSAGE"),
+            "{e:?}"
+        );
+    }
+    let find = |key: &str, value: &str| {
+        entries
+            .iter()
+            .find(|e| e.get(key).map(String::as_str) == Some(value))
+            .unwrap_or_else(|| panic!("no entry with {key}={value}: {entries:#?}"))
+    };
+    let started = entries
+        .iter()
+        .find(|e| {
+            e.get("MESSAGE").map(String::as_str) == Some("started")
+                && e.get("NODEAGENT_TASK").map(String::as_str) == Some("linkerd")
+        })
+        .unwrap_or_else(|| panic!("no `started` entry for linkerd: {entries:#?}"));
+    assert_eq!(
+        started["INSTANCE_ID"], world.info.instance_id,
+        "{started:?}"
+    );
+    assert_eq!(started["NODEAGENT_PHASE"], "supervise", "{started:?}");
+    let found = find("MESSAGE", "found the Consul servers");
+    assert_eq!(found["NODEAGENT_PHASE"], "discover", "{found:?}");
+    assert_eq!(found["INSTANCE_ID"], world.info.instance_id);
+    let joined = find("NODEAGENT_PHASE", "join");
+    assert!(
+        joined["MESSAGE"].contains("joined the ECS cluster"),
+        "{joined:?}"
+    );
+}
