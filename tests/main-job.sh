@@ -108,11 +108,18 @@ NODE=$(field instance_id)
 containers() { docker -H "$DOCKER_HOST" ps --filter "label=io.nodeagent.node=$NODE" --format '{{.ID}}  {{.Label "io.nodeagent.task"}}  {{.Status}}'; }
 for _ in $(seq 100); do [ "$(containers | wc -l)" = 3 ] && break; sleep 0.2; done
 containers
+status() { "$BIN" status --root "$ROOT" "$@"; }
+for _ in $(seq 100); do status >/dev/null 2>&1 && break; sleep 0.2; done
+echo "-- nodeagent status (exit 0: healthy)"
+status
 VICTIM=$(docker -H "$DOCKER_HOST" ps -q --filter "label=io.nodeagent.node=$NODE" --filter label=io.nodeagent.task=linkerd)
 echo "-- docker kill $VICTIM (linkerd)"
 docker -H "$DOCKER_HOST" kill "$VICTIM" >/dev/null
 for _ in $(seq 100); do containers | grep -q linkerd && ! containers | grep -q "^$VICTIM" && break; sleep 0.1; done
 sleep 1
 containers
+for _ in $(seq 100); do status >/dev/null 2>&1 && break; sleep 0.2; done
+echo "-- nodeagent status: linkerd restarted once"
+status
 echo "-- nodeagent's log (docker runtime)"
 cat "$ROOT/docker-runtime.log"

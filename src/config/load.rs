@@ -428,4 +428,34 @@ mod tests {
             .to_string();
         assert!(err.contains("not a dotted key"), "{err}");
     }
+
+    /// The README's configuration block is the reference: it must be the defaults, exactly.
+    #[test]
+    fn the_readme_reference_is_the_defaults() {
+        let readme = include_str!("../../README.md");
+        let section = &readme[readme
+            .find("## Configuration")
+            .expect("a Configuration section")..];
+        let block = section
+            .split("```toml\n")
+            .find(|b| b.starts_with("cluster = "))
+            .and_then(|b| b.split("```").next())
+            .expect("the reference block");
+        let documented: Table = toml::from_str(block).expect("the reference block is TOML");
+        let defaults: Table = toml::from_str(DEFAULTS).unwrap();
+        let (mut a, mut b) = (BTreeMap::new(), BTreeMap::new());
+        note_leaves(&toml::Value::Table(documented), "", "readme", &mut a);
+        note_leaves(&toml::Value::Table(defaults), "", "defaults", &mut b);
+        let only_readme: Vec<&String> = a.keys().filter(|k| !b.contains_key(*k)).collect();
+        let only_defaults: Vec<&String> = b.keys().filter(|k| !a.contains_key(*k)).collect();
+        assert!(
+            only_readme.is_empty() && only_defaults.is_empty(),
+            "README only: {only_readme:?}; defaults only: {only_defaults:?}"
+        );
+        assert_eq!(
+            toml::from_str::<Table>(block).unwrap(),
+            toml::from_str::<Table>(DEFAULTS).unwrap(),
+            "same keys, a different value"
+        );
+    }
 }

@@ -517,15 +517,12 @@ fn check_env_line(key: &str, value: &str) -> Result<(), String> {
     if !key_ok {
         return Err("keys are upper-case letters, digits and '_'".into());
     }
+    // The value itself is not repeated: ecs.config holds credentials (ECS_ENGINE_AUTH_DATA).
     if value.chars().any(|c| c.is_control()) {
-        return Err(format!(
-            "{value:?} contains a control character (line break, tab, …)"
-        ));
+        return Err("the value contains a control character (line break, tab, …)".into());
     }
     if value.ends_with('\\') || value.trim() != value {
-        return Err(format!(
-            "{value:?} must not end in a backslash or start/end with white space"
-        ));
+        return Err("the value must not end in a backslash or start/end with white space".into());
     }
     Ok(())
 }

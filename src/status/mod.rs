@@ -168,11 +168,13 @@ impl Board {
     /// The boot's findings; `found_at` is when the Consul servers were found.
     pub fn set_report(&self, report: &BootReport, imds: &PhaseTime, found_at: SystemTime) {
         self.update(|s| {
-            s.phases = std::iter::once(imds)
-                .chain(&report.phases)
-                .map(|p| Phase {
+            // The boot's phases are timed from its own start, which follows the imds phase.
+            let after_imds = report.phases.iter().map(|p| (p, imds.took_ms));
+            s.phases = std::iter::once((imds, 0.0))
+                .chain(after_imds)
+                .map(|(p, offset)| Phase {
                     phase: p.phase.into(),
-                    started_ms: p.started_ms,
+                    started_ms: p.started_ms + offset,
                     took_ms: p.took_ms,
                 })
                 .collect();
