@@ -17,7 +17,7 @@ use crate::logging::{self, Logging};
 use crate::render::{self, Renderer};
 use crate::runtime::docker::DockerRuntime;
 use crate::runtime::ecs::EcsRuntime;
-use crate::status::{client, notify, server, Board};
+use crate::status::{self, client, notify, server, Board};
 use crate::supervisor::{Runtime, Supervisor, Until};
 use crate::systemd::{Notice, ServiceManager, Systemd};
 use clap::{ArgAction, Args, Parser, Subcommand};
@@ -60,7 +60,8 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
-    /// Show the running agent's status. Exit 0 healthy, 1 degraded, 3 agent not running.
+    /// Show the running agent's status. Exit 0 healthy, 1 degraded, 3 agent not running, 4 no
+    /// answer (permission denied, stuck).
     Status {
         #[command(flatten)]
         common: Common,
@@ -234,12 +235,19 @@ async fn instance_layers(
     ec2: &dyn Ec2,
     facts: &InstanceFacts,
 ) -> anyhow::Result<Loaded> {
-    if let Some(user_data) = imds.user_data().await? {
+    let (user_data, tags) = tokio::try_join!(imds.user_data(), imds.tags(TAG_PREFIX))?;
+    if let Some(user_data) = user_data {
         fragments.extend(Fragment::user_data(&user_data));
     }
-    let tags = match imds.tags(TAG_PREFIX).await? {
+    let tags = match tags {
         Some(tags) => tags,
-        None => ec2.instance_tags(&facts.instance_id, TAG_PREFIX).await?,
+        None => match ec2.instance_tags(&facts.instance_id, TAG_PREFIX).await? {
+            Some(tags) => tags,
+            None => {
+                warn!("nodeagent: instance tags are not read: the instance metadata does not show tags and the instance role lacks ec2:DescribeTags; enable one or the other if tags configure this node");
+                Vec::new()
+            }
+        },
     };
     let tags: Vec<(String, String)> = tags
         .into_iter()
@@ -307,18 +315,7 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
     flatten(&loaded.merged, "", &mut leaves);
     for (key, value) in leaves {
         let origin = loaded.origins.get(&key).map_or("?", String::as_str);
-        let last = key.rsplit('.').next().unwrap_or_default().to_uppercase();
-        let secret = [
-            "SECRET",
-            "PASSWORD",
-            "TOKEN",
-            "AUTH",
-            "CREDENTIAL",
-            "PRIVATE",
-        ]
-        .iter()
-        .any(|w| last.contains(w));
-        let value = if secret {
+        let value = if looks_secret(&key) {
             "\"<redacted>\"".to_string()
         } else {
             value.to_string()
@@ -326,6 +323,28 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
         println!("{key} = {value}  # {origin}");
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether a key's name says its value is a credential (`ECS_ENGINE_AUTH_DATA`,
+/// `CONSUL_HTTP_TOKEN`, `DD_API_KEY`, `vars.gossip_encrypt`, …).
+fn looks_secret(key: &str) -> bool {
+    let last = key
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_uppercase();
+    let words = [
+        "SECRET",
+        "PASSWORD",
+        "PASSWD",
+        "TOKEN",
+        "AUTH",
+        "CREDENTIAL",
+        "PRIVATE",
+        "ENCRYPT",
+    ];
+    words.iter().any(|w| last.contains(w)) || (last != "KEY" && last.ends_with("KEY"))
 }
 
 fn flatten(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
@@ -400,6 +419,7 @@ async fn show_status(
         };
         RootedFs::new(&common.root).resolve(&path)
     });
+    let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let code = match client::fetch(&socket).await {
             Ok(status) => {
@@ -418,14 +438,17 @@ async fn show_status(
             }
             Err(e) => {
                 eprintln!("nodeagent: {e}");
-                ExitCode::from(3)
+                ExitCode::from(match e {
+                    client::FetchError::NotRunning(_) => 3,
+                    client::FetchError::NoAnswer(_) => 4,
+                })
             }
         };
         if !watch {
             return code;
         }
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return code,
+            _ = &mut interrupted => return code,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
@@ -461,11 +484,20 @@ impl Progress for BoardProgress<'_> {
 
 async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
+    // From the first moment: a stop during a long boot is a stop, not a kill.
+    let mut signals = Signals::install()?;
     let fs = RootedFs::new(&common.root);
     let files = file_layers(common)?;
     // The files alone place the status socket, so `nodeagent status` answers from the start.
     let early = config::from_fragments(&files)?;
-    let board = Board::new(&early.cluster, runtime_name(early.runtime));
+    let manager: Arc<dyn ServiceManager> = Arc::new(Systemd);
+    let notifier = Arc::new(notify::Notifier::new(manager.clone()));
+    let observer: status::Observer = {
+        let notifier = notifier.clone();
+        Arc::new(move |s| notifier.observe(s))
+    };
+    let board = Board::new(&early.cluster, runtime_name(early.runtime), Some(observer));
+    let _extender = AbortOnDrop(tokio::spawn(notifier.clone().keep_extending(board.clone())));
     let calls = Arc::new(AwsCalls::default());
     let snapshot: server::Snapshot = {
         let (board, calls) = (board.clone(), calls.clone());
@@ -476,38 +508,32 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     };
     let socket = fs.resolve(&early.status.socket);
     let group = fs.group_id("nodeagent").unwrap_or(None);
-    let listener = server::bind_unix(&socket, group)?;
-    let _socket_file = RemoveOnDrop(socket);
+    let (listener, _socket) = server::bind_unix(&socket, group)?;
     let _server = AbortOnDrop(tokio::spawn(server::serve_unix(listener, snapshot.clone())));
-    let manager: Arc<dyn ServiceManager> = Arc::new(Systemd);
-    let _notifier = AbortOnDrop(tokio::spawn(notify::follow(
-        board.subscribe(),
-        manager.clone(),
-    )));
-
-    // 1. Read the instance facts, then the configuration layers the instance carries.
-    let imds = AwsImds::new();
-    let facts = InstanceFacts::read(&imds)
-        .instrument(info_span!("phase", phase = "imds"))
-        .await?;
-    logging.set_instance_id(&facts.instance_id);
-    board.set_facts(&facts);
-    let sdk = aws::sdk_config(&facts.region).await;
-    let ec2 = SdkEc2::new(&sdk, calls.clone());
-    let settings = instance_layers(files, &imds, &ec2, &facts)
-        .instrument(info_span!("phase", phase = "imds"))
-        .await?
-        .settings;
-    let imds_phase = PhaseTime {
-        phase: "imds",
-        started_ms: 0.0,
-        took_ms: started.elapsed().as_secs_f64() * 1e3,
+    let stop = |during: &str| {
+        board.set_phase("stopping");
+        manager.notify(&[
+            Notice::Stopping,
+            Notice::Status("stopping; the tasks keep running".into()),
+        ]);
+        info!("stopping{during}; the tasks keep running");
+        Ok(ExitCode::SUCCESS)
     };
-    info!(instance_id = %facts.instance_id, local_ipv4 = %facts.local_ipv4, az = %facts.availability_zone, "read instance metadata");
-    board.update(|s| {
-        s.cluster = settings.cluster.clone();
-        s.runtime = runtime_name(settings.runtime).into();
-    });
+
+    // 1-5: facts, configuration, join, Consul, the ECS agent, the files.
+    let boot = boot_node(files, &fs, &board, &calls, logging, started);
+    let Booted {
+        settings,
+        facts,
+        report,
+        sdk,
+    } = tokio::select! {
+        booted = boot => booted?,
+        _ = signals.recv() => return stop(" during the boot"),
+    };
+    if settings.status.socket != early.status.socket {
+        warn!(socket = %socket.display(), "status.socket from EC2 user-data or tags is ignored: the socket is placed by the configuration files");
+    }
     let _metrics = match settings.metrics.listen.as_str() {
         "" => None,
         addr => {
@@ -518,25 +544,6 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
             ))))
         }
     };
-
-    // 2-5. Join the cluster, find Consul, wait for the ECS agent, render the files.
-    let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
-    let node = Node {
-        fs: &fs,
-        ec2: &ec2,
-        agent: &agent,
-    };
-    let progress = BoardProgress {
-        board: &board,
-        waits: Mutex::default(),
-    };
-    let report = boot::run(&settings, &facts, &node, &progress).await?;
-    board.set_report(&report, &imds_phase, SystemTime::now());
-    let phases: Vec<String> = std::iter::once(&imds_phase)
-        .chain(&report.phases)
-        .map(|p| format!("{}={:.1}ms", p.phase, p.took_ms))
-        .collect();
-    info!(phases = %phases.join(" "), "node prepared; starting the tasks");
 
     // 6. Start or adopt the tasks, and keep them running.
     let docker = BollardDocker::connect()
@@ -571,6 +578,7 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     let tasks = boot::supervised_tasks(&settings, &facts, &report)?;
     let mut supervisor = Supervisor::new(runtime, settings.supervision.clone(), tasks);
     let mut task_status = supervisor.watch();
+    board.set_tasks(&task_status.borrow_and_update());
     board.set_phase("supervise");
     let _forward = AbortOnDrop(tokio::spawn({
         let board = board.clone();
@@ -585,47 +593,125 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
         manager.clone(),
         supervisor.liveness(),
     )));
-    let until = if once {
-        Until::AllStarted
-    } else {
-        Until::Shutdown
-    };
-    supervisor
-        .run(until, async {
-            if let Err(e) = wait_for_shutdown().await {
-                tracing::error!(error = %e, "cannot wait for signals");
-            }
-        })
-        .instrument(info_span!("phase", phase = "supervise"))
-        .await?;
-    if once {
-        let tasks = supervisor.watch().borrow().clone();
-        let adopted = tasks.iter().filter(|t| t.adopted).count();
-        info!(
-            total_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
-            aws_calls = calls.total(),
-            started = tasks.len() - adopted,
-            adopted,
-            "all tasks started"
-        );
-    } else {
-        board.set_phase("stopping");
-        manager.notify(&[
-            Notice::Stopping,
-            Notice::Status("stopping; the tasks keep running".into()),
-        ]);
-        info!("stopping; the tasks keep running");
+    let span = info_span!("phase", phase = "supervise");
+    if !once {
+        supervisor
+            .run(Until::Shutdown, signals.recv())
+            .instrument(span)
+            .await?;
+        return stop("");
     }
+    tokio::select! {
+        done = supervisor.run(Until::AllStarted, std::future::pending()).instrument(span) => done?,
+        _ = signals.recv() => return stop(" before every task started"),
+    }
+    let tasks = supervisor.watch().borrow().clone();
+    let adopted = tasks.iter().filter(|t| t.adopted).count();
+    info!(
+        total_ms = format!("{:.1}", started.elapsed().as_secs_f64() * 1e3),
+        aws_calls = calls.total(),
+        started = tasks.len() - adopted,
+        adopted,
+        "all tasks started"
+    );
     Ok(ExitCode::SUCCESS)
 }
 
-/// The status socket, removed when the agent ends (whatever the outcome), so a stale one does
-/// not look like a running agent.
-struct RemoveOnDrop(PathBuf);
+/// What the boot found, for the supervision that follows.
+struct Booted {
+    settings: config::Settings,
+    facts: InstanceFacts,
+    report: boot::BootReport,
+    sdk: aws_config::SdkConfig,
+}
 
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+/// Steps 1 to 5: the instance facts, then the configuration layers the instance carries, then
+/// the boot proper; the board follows along.
+async fn boot_node(
+    files: Vec<Fragment>,
+    fs: &RootedFs,
+    board: &Board,
+    calls: &Arc<AwsCalls>,
+    logging: &Logging,
+    started: Instant,
+) -> anyhow::Result<Booted> {
+    let imds = AwsImds::new();
+    let facts = InstanceFacts::read(&imds)
+        .instrument(info_span!("phase", phase = "imds"))
+        .await?;
+    logging.set_instance_id(&facts.instance_id);
+    board.set_facts(&facts);
+    let sdk = aws::sdk_config(&facts.region).await;
+    let ec2 = SdkEc2::new(&sdk, calls.clone());
+    let settings = instance_layers(files, &imds, &ec2, &facts)
+        .instrument(info_span!("phase", phase = "imds"))
+        .await?
+        .settings;
+    let imds_phase = PhaseTime {
+        phase: "imds",
+        started_ms: 0.0,
+        took_ms: started.elapsed().as_secs_f64() * 1e3,
+    };
+    info!(instance_id = %facts.instance_id, local_ipv4 = %facts.local_ipv4, az = %facts.availability_zone, "read instance metadata");
+    board.update(|s| {
+        s.cluster = settings.cluster.clone();
+        s.runtime = runtime_name(settings.runtime).into();
+    });
+
+    let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
+    let node = Node {
+        fs,
+        ec2: &ec2,
+        agent: &agent,
+    };
+    let progress = BoardProgress {
+        board,
+        waits: Mutex::default(),
+    };
+    let boot_began = SystemTime::now();
+    let report = boot::run(&settings, &facts, &node, &progress).await?;
+    let found_at = report
+        .phases
+        .iter()
+        .find(|p| p.phase == "discover")
+        .map_or(SystemTime::now(), |p| {
+            boot_began + Duration::from_secs_f64((p.started_ms + p.took_ms) / 1e3)
+        });
+    board.set_report(&report, &imds_phase, found_at);
+    let phases: Vec<String> = std::iter::once(&imds_phase)
+        .chain(&report.phases)
+        .map(|p| format!("{}={:.1}ms", p.phase, p.took_ms))
+        .collect();
+    info!(phases = %phases.join(" "), "node prepared; starting the tasks");
+    Ok(Booted {
+        settings,
+        facts,
+        report,
+        sdk,
+    })
+}
+
+/// SIGTERM and SIGINT, listened to from the moment they are installed.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        use anyhow::Context as _;
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
+    }
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {},
+            _ = self.int.recv() => {},
+        }
     }
 }
 
@@ -645,13 +731,29 @@ fn runtime_name(kind: RuntimeKind) -> &'static str {
     }
 }
 
-async fn wait_for_shutdown() -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {},
-        _ = int.recv() => {},
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_looking_keys() {
+        for key in [
+            "ecs.config.ECS_ENGINE_AUTH_DATA",
+            "tasks.x.container.env.CONSUL_HTTP_TOKEN",
+            "tasks.x.container.env.DD_API_KEY",
+            "vars.gossip_encrypt",
+            "vars.db_password",
+            "vars.\"private-key\"",
+        ] {
+            assert!(looks_secret(key), "{key}");
+        }
+        for key in [
+            "consul.server_tag.key",
+            "cluster",
+            "ecs.config.ECS_ENABLE_CONTAINER_METADATA",
+            "vars.keyspace",
+        ] {
+            assert!(!looks_secret(key), "{key}");
+        }
     }
-    Ok(())
 }

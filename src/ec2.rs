@@ -15,12 +15,13 @@ const DESCRIBE_TAGS: &str = "ec2:DescribeTags";
 pub trait Ec2: Send + Sync {
     /// Private IPv4 addresses of the running instances tagged `key=value`, all pages.
     async fn running_private_ips(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>>;
-    /// The tags of `instance_id` whose key starts with `prefix`, all pages.
+    /// The tags of `instance_id` whose key starts with `prefix`, all pages; `None` when the
+    /// instance role may not ask (no ec2:DescribeTags).
     async fn instance_tags(
         &self,
         instance_id: &str,
         prefix: &str,
-    ) -> anyhow::Result<Vec<(String, String)>>;
+    ) -> anyhow::Result<Option<Vec<(String, String)>>>;
 }
 
 pub struct SdkEc2 {
@@ -79,7 +80,8 @@ impl Ec2 for SdkEc2 {
         &self,
         instance_id: &str,
         prefix: &str,
-    ) -> anyhow::Result<Vec<(String, String)>> {
+    ) -> anyhow::Result<Option<Vec<(String, String)>>> {
+        use aws_sdk_ec2::error::ProvideErrorMetadata;
         let mut pages = self
             .client
             .describe_tags()
@@ -100,6 +102,11 @@ impl Ec2 for SdkEc2 {
         let mut tags = Vec::new();
         while let Some(page) = pages.next().await {
             self.calls.record(DESCRIBE_TAGS, page.is_ok());
+            if let Err(e) = &page {
+                if e.code() == Some("UnauthorizedOperation") {
+                    return Ok(None);
+                }
+            }
             let page = page
                 .map_err(|e| anyhow::anyhow!(describe(&e)))
                 .with_context(|| {
@@ -111,6 +118,6 @@ impl Ec2 for SdkEc2 {
                     .then(|| (key.to_string(), t.value().unwrap_or_default().to_string()))
             }));
         }
-        Ok(tags)
+        Ok(Some(tags))
     }
 }

@@ -22,6 +22,8 @@ pub struct ImdsError {
     pub path: String,
     pub endpoint: String,
     pub message: String,
+    /// IMDS answered, but with bytes that are not UTF-8 text (gzip-compressed user-data).
+    pub not_text: bool,
 }
 
 #[async_trait]
@@ -52,9 +54,12 @@ pub trait Imds: Send + Sync {
         self.required("/latest/meta-data/ami-id").await
     }
 
-    /// The instance's user-data; `None` when it has none.
+    /// The instance's user-data; `None` when it has none, or when it is not text (gzip).
     async fn user_data(&self) -> Result<Option<String>, ImdsError> {
-        self.get("/latest/user-data").await
+        match self.get("/latest/user-data").await {
+            Err(e) if e.not_text => Ok(None),
+            other => other,
+        }
     }
 
     /// The instance's tags whose key starts with `prefix`, `None` when tags are not in the
@@ -82,6 +87,7 @@ pub trait Imds: Send + Sync {
             path: path.to_string(),
             endpoint: self.endpoint().to_string(),
             message: "not found (404), but every EC2 instance has it".into(),
+            not_text: false,
         })
     }
 }
@@ -130,6 +136,9 @@ impl Imds for AwsImds {
             Err(e) => Err(ImdsError {
                 path: path.to_string(),
                 endpoint: self.endpoint.clone(),
+                // aws-config's client reads every answer as text and says so when it is not.
+                not_text: matches!(e, SdkImdsError::Unexpected(_))
+                    && e.to_string().contains("UTF-8"),
                 message: describe(&e),
             }),
         }

@@ -40,6 +40,8 @@ fn layered_world(imds_tags: bool) -> (World, std::path::PathBuf, tempfile::TempD
         "--node-tag",
         "nodeagent:supervision.crash_loop_restarts=9",
         "--node-tag",
+        "nodeagent:ecs.config.ECS_ENABLE_TASK_IAM_ROLE=true",
+        "--node-tag",
         "other:ignored=1",
     ];
     if imds_tags {
@@ -139,6 +141,33 @@ fn check_layers(world: &World, config: &Path) {
     let consul: serde_json::Value =
         serde_json::from_str(&world.read("/opt/consul/config/consul-agent.json")).unwrap();
     assert_eq!(consul["datacenter"], "dc-tag");
+    let ecs_config = world.read("/etc/ecs/ecs.config");
+    assert!(
+        ecs_config.contains("\nECS_ENABLE_TASK_IAM_ROLE=true\n")
+            || ecs_config.starts_with("ECS_ENABLE_TASK_IAM_ROLE=true\n"),
+        "{ecs_config}"
+    );
+}
+
+#[test]
+fn user_data_that_is_a_script_is_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("user-data.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/bash\ncat > /etc/other.toml <<EOF\n[nodeagent]\ncluster = \"nope\"\nEOF\n",
+    )
+    .unwrap();
+    let world = World::start(&["--user-data", script.to_str().unwrap()]);
+    let config = world.config("");
+    let shown = show(&world, &config);
+    assert_eq!(
+        shown["cluster"],
+        ("\"l5d-demo\"".to_string(), "built-in defaults".to_string())
+    );
+    assert!(!shown.values().any(|(_, origin)| origin == "EC2 user-data"));
+    let out = world.run_once(&config);
+    assert!(out.status.success(), "{}", transcript(&out));
 }
 
 #[tokio::test]

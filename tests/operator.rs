@@ -97,10 +97,12 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
     );
 
     let mut agent = Agent::start(&world, &engine, &config, "agent");
+    let mut table = String::new();
     wait_for(Duration::from_secs(40), "status to answer 0", || {
-        status(&world, &[]).0 == 0
+        let (code, out, _) = status(&world, &[]);
+        table = out;
+        code == 0
     });
-    let (_, table, _) = status(&world, &[]);
     let node = format!(
         "node       {} ({}",
         world.info.instance_id, world.info.local_ipv4
@@ -191,7 +193,7 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
         !second.alive()
     });
     assert!(
-        second.log().contains("another nodeagent answers on"),
+        second.log().contains("another nodeagent holds"),
         "{}",
         second.log()
     );
@@ -367,7 +369,6 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
         "reading instance metadata",
         "finding the Consul servers",
         "rendering config files",
-        "starting the tasks",
         "0/3 tasks healthy",
         "3/3 tasks healthy",
     ];
@@ -390,7 +391,7 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
     );
     let supervising = texts
         .iter()
-        .position(|m| m.contains("STATUS=starting the tasks"))
+        .position(|m| m.contains("STATUS=0/3 tasks healthy"))
         .unwrap();
     assert!(
         texts[..supervising]
@@ -407,20 +408,20 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
     // Freeze the engine: the loop's next reconcile (every 2 s) hangs in a Docker call
     // (bounded at 10 s), and the watchdog pings stop while it hangs.
     let frozen = Frozen::freeze(engine.dockerd_pid());
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for(
+        Duration::from_secs(10),
+        "the loop to hang in a Docker call",
+        || agent.log().contains("withholding watchdog pings"),
+    );
+    // The Docker call it hangs in is bounded at 10 s; pings stop well before that.
     let from = Instant::now();
-    std::thread::sleep(Duration::from_secs(4));
+    std::thread::sleep(Duration::from_secs(3));
     let pings_while_stuck = listener
         .messages()
         .iter()
         .filter(|(t, m)| *t >= from && m == "WATCHDOG=1\n")
         .count();
     assert_eq!(pings_while_stuck, 0, "{:#?}", listener.texts());
-    assert!(
-        agent.log().contains("withholding watchdog pings"),
-        "{}",
-        agent.log()
-    );
     drop(frozen);
     let thawed = Instant::now();
     wait_for(Duration::from_secs(20), "pings to resume", || {
@@ -547,5 +548,54 @@ fn under_systemd_entries_go_to_the_journal_with_fields() {
     assert!(
         joined["MESSAGE"].contains("joined the ECS cluster"),
         "{joined:?}"
+    );
+}
+
+#[test]
+fn a_boot_waiting_on_the_ecs_agent_says_so_extends_and_stops_cleanly_on_sigterm() {
+    let world = World::start(&["--agent-ready-after", "60"]);
+    let config = world.config("");
+    let notify = world.root.path().join("notify.sock");
+    let listener = Listener::bind(&notify);
+    let mut agent = Agent::start_with(&world, "unix:///nonexistent", &config, "agent", |cmd| {
+        cmd.env("NOTIFY_SOCKET", &notify);
+    });
+    wait_for(Duration::from_secs(20), "the wait to show", || {
+        listener
+            .texts()
+            .iter()
+            .any(|m| m.contains("STATUS=waiting for the ECS agent (2 s)"))
+    });
+    let s = status_json(&world).expect("the agent answers while it boots");
+    assert_eq!(s["phase"], "discover");
+    assert!(
+        s["phase_detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("waiting for the ECS agent ("),
+        "{s}"
+    );
+    let (code, table, _) = status(&world, &[]);
+    assert_eq!(code, 1, "booting is not healthy: {table}");
+    let texts = listener.texts();
+    let waits: Vec<&String> = texts.iter().filter(|m| m.contains("waiting for")).collect();
+    assert!(
+        waits
+            .iter()
+            .all(|m| m.starts_with("EXTEND_TIMEOUT_USEC=30000000\n")),
+        "each wait extends the start-up: {waits:#?}"
+    );
+
+    assert!(
+        agent.sigterm().success(),
+        "a stop during the boot is a clean stop"
+    );
+    let last = listener.texts().last().cloned().unwrap();
+    assert!(last.starts_with("STOPPING=1\n"), "{last}");
+    assert!(!world.path("/run/nodeagent/nodeagent.sock").exists());
+    assert!(
+        agent.log().contains("stopping during the boot"),
+        "{}",
+        agent.log()
     );
 }

@@ -32,13 +32,26 @@ impl Fragment {
         }
     }
 
-    /// EC2 user-data, when it is a TOML document with a `[nodeagent]` table (any other
-    /// user-data — a shell script, cloud-config — is not ours and gives `None`).
+    /// EC2 user-data, when it is a TOML document with a `[nodeagent]` table. A script
+    /// (`#!`), cloud-config or a MIME multipart document is never ours, even if a heredoc in it
+    /// holds such a line; anything else with the table is, and an error in it is a
+    /// configuration error.
     pub fn user_data(text: &str) -> Option<Fragment> {
-        let ours = text.lines().any(|l| {
-            let l = l.trim();
-            l == "[nodeagent]" || l.starts_with("[nodeagent.")
-        });
+        let first = text.trim_start().lines().next().unwrap_or_default();
+        let foreign = [
+            "#!",
+            "#cloud-",
+            "#include",
+            "Content-Type:",
+            "MIME-Version:",
+        ]
+        .iter()
+        .any(|p| first.starts_with(p));
+        let ours = !foreign
+            && text.lines().any(|l| {
+                let l = l.trim();
+                l == "[nodeagent]" || l.starts_with("[nodeagent.")
+            });
         ours.then(|| Fragment {
             origin: "EC2 user-data".into(),
             text: text.into(),
@@ -151,9 +164,11 @@ pub fn from_layers(
 /// Instance tags whose key starts with this configure nodeagent.
 pub const TAG_PREFIX: &str = "nodeagent:";
 
-/// One tag as a table. Tags are text: a value becomes a string where the layers below hold a
-/// string (or nothing that parses otherwise), else it is read as a TOML value (`true`, `30`,
-/// `["a"]`), so `nodeagent:ecs.join = false` is a boolean.
+/// One tag as a table. Tags are text: the value is read as a TOML value (`true`, `30`,
+/// `["a"]`) or kept as a string, whichever the key accepts — the string first where the layers
+/// below hold a string — so `nodeagent:ecs.join = false` is a boolean and
+/// `nodeagent:ecs.config.ECS_ENABLE_TASK_IAM_ROLE = true` a string. Errors never repeat the
+/// value: tags can hold credentials.
 fn tag_table(key: &str, value: &str, below: &Table) -> Result<Table, String> {
     let path: Vec<&str> = key.split('.').collect();
     if path.iter().any(|p| p.is_empty()) {
@@ -170,39 +185,44 @@ fn tag_table(key: &str, value: &str, below: &Table) -> Result<Table, String> {
         }
         existing = v.and_then(toml::Value::as_table);
     }
-    let parsed = toml::from_str::<Table>(&format!("v = {value}"))
+    let typed = toml::from_str::<Table>(&format!("v = {value}"))
         .ok()
         .and_then(|mut t| t.remove("v"));
-    let value = match (at, parsed) {
-        (Some(toml::Value::String(_)), _) | (_, None) => toml::Value::String(value.to_string()),
-        (_, Some(v)) => v,
+    let text = Some(toml::Value::String(value.to_string()));
+    let candidates = match at {
+        Some(toml::Value::String(_)) => [text, typed],
+        _ => [typed, text],
     };
-    let mut table = Table::new();
-    let mut leaf = value;
-    for part in path.iter().skip(1).rev() {
-        let mut t = Table::new();
-        t.insert(part.to_string(), leaf);
-        leaf = toml::Value::Table(t);
+    let mut why = String::new();
+    for candidate in candidates.into_iter().flatten() {
+        let mut leaf = candidate;
+        for part in path.iter().skip(1).rev() {
+            let mut t = Table::new();
+            t.insert(part.to_string(), leaf);
+            leaf = toml::Value::Table(t);
+        }
+        let mut table = Table::new();
+        table.insert(path[0].to_string(), leaf);
+        match toml::Value::Table(table.clone()).try_into::<Settings>() {
+            Ok(_) => return Ok(table),
+            Err(e) if why.is_empty() => why = without_value(e.message()),
+            Err(_) => {}
+        }
     }
-    table.insert(path[0].to_string(), leaf);
-    toml::Value::Table(table.clone())
-        .try_into::<Settings>()
-        .map_err(|e| {
-            format!(
-                "{key} = {:?}: {}",
-                value_text(&table, &path),
-                e.message().trim_end()
-            )
-        })?;
-    Ok(table)
+    Err(format!("{key}: {why}"))
 }
 
-fn value_text(table: &Table, path: &[&str]) -> String {
-    let mut v = table.get(path[0]);
-    for part in &path[1..] {
-        v = v.and_then(|v| v.get(*part));
+/// A deserializer's complaint without the value it quotes ("invalid type: string \"x\",
+/// expected a duration" → "the value is not valid here: expected a duration").
+fn without_value(message: &str) -> String {
+    let message = message.trim_end();
+    if message.starts_with("unknown field") || message.starts_with("missing field") {
+        return message.to_string();
     }
-    v.map(ToString::to_string).unwrap_or_default()
+    match message.rsplit_once("expected ") {
+        Some((_, expected)) => format!("the value is not valid here: expected {expected}"),
+        None => "the value is not valid here".into(),
+    }
 }
 
 /// Parses one fragment, checking its types and keys against [`Settings`].
@@ -360,7 +380,7 @@ mod tests {
 
     #[test]
     fn every_layer_wins_over_the_ones_below_and_is_named() {
-        let user_data = "#!/not/a/script\n[other]\nx = 1\n[nodeagent]\ncluster = \"from-user-data\"\n[nodeagent.consul]\ndatacenter = \"ud\"\n";
+        let user_data = "# shared\n[other]\nx = 1\n[nodeagent]\ncluster = \"from-user-data\"\n[nodeagent.consul]\ndatacenter = \"ud\"\n";
         let layers = [
             Fragment::file(
                 "/etc/nodeagent/nodeagent.toml",
@@ -376,6 +396,22 @@ mod tests {
             ("consul.datacenter".to_string(), "dc-tag".to_string()),
             ("ecs.join".to_string(), "true".to_string()),
             ("vars.port".to_string(), "4140".to_string()),
+            (
+                "ecs.config.ECS_ENABLE_TASK_IAM_ROLE".to_string(),
+                "true".to_string(),
+            ),
+            (
+                "ecs.config.ECS_RESERVED_MEMORY".to_string(),
+                "256".to_string(),
+            ),
+            (
+                "tasks.linkerd.container.env.PORT".to_string(),
+                "4140".to_string(),
+            ),
+            (
+                "supervision.crash_loop_restarts".to_string(),
+                "9".to_string(),
+            ),
         ];
         let loaded = from_layers(&layers, &tags).unwrap();
         let s = &loaded.settings;
@@ -384,6 +420,14 @@ mod tests {
         assert_eq!(s.supervision.log_lines, 5);
         assert_eq!(s.vars["a"].as_str(), Some("conf.d"));
         assert_eq!(s.vars["port"].as_integer(), Some(4140));
+        assert!(s.ecs.join);
+        assert_eq!(
+            s.ecs.config["ECS_ENABLE_TASK_IAM_ROLE"], "true",
+            "a string map"
+        );
+        assert_eq!(s.ecs.config["ECS_RESERVED_MEMORY"], "256");
+        assert_eq!(s.tasks["linkerd"].container.env["PORT"], "4140");
+        assert_eq!(s.supervision.crash_loop_restarts, 9);
         let o = |k: &str| loaded.origins[k].as_str();
         assert_eq!(o("cluster"), "EC2 user-data");
         assert_eq!(
@@ -406,6 +450,13 @@ mod tests {
                 .is_none()
         );
         assert!(Fragment::user_data("#cloud-config\nruncmd: []\n").is_none());
+        let script = "#!/bin/bash\ncat > /etc/x.toml <<EOF\n[nodeagent]\ncluster = \"a\"\nEOF\n";
+        assert!(
+            Fragment::user_data(script).is_none(),
+            "a heredoc in a script"
+        );
+        let mime = "Content-Type: multipart/mixed; boundary=\"b\"\nMIME-Version: 1.0\n\n--b\n[nodeagent]\n";
+        assert!(Fragment::user_data(mime).is_none());
     }
 
     #[test]
@@ -416,13 +467,18 @@ mod tests {
             err.starts_with("EC2 user-data:3:1: unknown field `clustre`"),
             "{err}"
         );
-        let err = from_layers(&[], &[("ecs.agent_timeout".into(), "soon".into())])
+        let err = from_layers(&[], &[("ecs.agent_timeout".into(), "s3cret".into())])
             .unwrap_err()
             .to_string();
         assert!(
-            err.starts_with("instance tag nodeagent:ecs.agent_timeout:1:1: ecs.agent_timeout = \"\\\"soon\\\"\""),
+            err.starts_with("instance tag nodeagent:ecs.agent_timeout:1:1: ecs.agent_timeout: the value is not valid here"),
             "{err}"
         );
+        assert!(!err.contains("s3cret"), "the value is not repeated: {err}");
+        let err = from_layers(&[], &[("consul.datacentre".into(), "x".into())])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `datacentre`"), "{err}");
         let err = from_layers(&[], &[("consul..x".into(), "1".into())])
             .unwrap_err()
             .to_string();

@@ -1,5 +1,6 @@
 //! The status client: owns asking a running agent for its [`NodeStatus`] over its Unix socket
-//! (what `nodeagent status` does), and telling "no agent" apart from "an agent, degraded".
+//! (what `nodeagent status` does), and telling "no agent" apart from "an agent that did not
+//! answer" and from "an agent, degraded".
 
 use super::NodeStatus;
 use http_body_util::{BodyExt, Empty};
@@ -10,42 +11,51 @@ use std::path::Path;
 use std::time::Duration;
 use tokio::net::UnixStream;
 
-/// The whole exchange (connect, request, answer) must fit in this.
+/// The whole exchange (request, answer) must fit in this.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Why no status could be had: there is no agent to ask (exit status 3).
+/// Why no status could be had.
 #[derive(Debug, thiserror::Error)]
-#[error("nodeagent is not running: {0}")]
-pub struct NotRunning(pub String);
+pub enum FetchError {
+    /// No agent to ask: no socket, or nobody listening on it (exit status 3).
+    #[error("nodeagent is not running: {0}")]
+    NotRunning(String),
+    /// An agent may be there, but did not tell (exit status 4).
+    #[error("cannot get nodeagent's status: {0}")]
+    NoAnswer(String),
+}
 
 /// Fetches `GET /v1/status` from the agent listening on `socket`.
-pub async fn fetch(socket: &Path) -> Result<NodeStatus, NotRunning> {
+pub async fn fetch(socket: &Path) -> Result<NodeStatus, FetchError> {
     let shown = socket.display();
-    match tokio::time::timeout(TIMEOUT, exchange(socket)).await {
+    let stream = match UnixStream::connect(socket).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            return Err(match e.kind() {
+                std::io::ErrorKind::NotFound => FetchError::NotRunning(format!(
+                    "{shown}: no socket (is nodeagent.service running?)"
+                )),
+                std::io::ErrorKind::ConnectionRefused => FetchError::NotRunning(format!(
+                    "{shown}: connection refused (a socket left by a stopped agent)"
+                )),
+                std::io::ErrorKind::PermissionDenied => FetchError::NoAnswer(format!(
+                    "{shown}: permission denied: run as root or as a member of group nodeagent"
+                )),
+                _ => FetchError::NoAnswer(format!("{shown}: {e}")),
+            })
+        }
+    };
+    match tokio::time::timeout(TIMEOUT, exchange(stream)).await {
         Ok(Ok(status)) => Ok(status),
-        Ok(Err(e)) => Err(NotRunning(format!("{shown}: {e:#}"))),
-        Err(_) => Err(NotRunning(format!(
+        Ok(Err(e)) => Err(FetchError::NoAnswer(format!("{shown}: {e:#}"))),
+        Err(_) => Err(FetchError::NoAnswer(format!(
             "{shown}: no answer within {TIMEOUT:?} (the agent is stuck: see journalctl -u nodeagent)"
         ))),
     }
 }
 
-async fn exchange(socket: &Path) -> anyhow::Result<NodeStatus> {
+async fn exchange(stream: UnixStream) -> anyhow::Result<NodeStatus> {
     use anyhow::Context as _;
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                anyhow::anyhow!("no socket (is nodeagent.service running?)")
-            }
-            std::io::ErrorKind::ConnectionRefused => {
-                anyhow::anyhow!("connection refused (a socket left by a stopped agent)")
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                anyhow::anyhow!("permission denied: run as root or as a member of group nodeagent")
-            }
-            _ => anyhow::Error::new(e).context("connecting"),
-        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let req = Request::get("/v1/status")

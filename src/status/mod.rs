@@ -18,6 +18,7 @@ use crate::supervisor::{State, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
@@ -35,7 +36,8 @@ pub struct NodeStatus {
     pub phase: String,
     /// What the phase is waiting on, e.g. "waiting for the ECS agent (12 s)".
     pub phase_detail: Option<String>,
-    /// In `supervise` and every task `healthy`.
+    /// In `supervise` and every task `healthy` (the tasks are listed, `starting`, from the
+    /// moment supervision begins).
     pub healthy: bool,
     /// When this agent started (RFC 3339).
     pub started_at: String,
@@ -109,12 +111,19 @@ pub struct File {
     pub mode: String,
 }
 
-/// The live status: written by the agent's parts, read by the server and the notifier.
+/// Told of every change, synchronously (the systemd notifier).
+pub type Observer = Arc<dyn Fn(&NodeStatus) + Send + Sync>;
+
+/// The live status: written by the agent's parts, read by the server; its observer hears
+/// every change.
 #[derive(Clone)]
-pub struct Board(watch::Sender<NodeStatus>);
+pub struct Board {
+    status: watch::Sender<NodeStatus>,
+    observer: Option<Observer>,
+}
 
 impl Board {
-    pub fn new(cluster: &str, runtime: &str) -> Board {
+    pub fn new(cluster: &str, runtime: &str, observer: Option<Observer>) -> Board {
         let status = NodeStatus {
             version: SCHEMA_VERSION,
             phase: "imds".into(),
@@ -123,27 +132,36 @@ impl Board {
             runtime: runtime.into(),
             ..NodeStatus::default()
         };
-        Board(watch::channel(status).0)
+        let board = Board {
+            status: watch::channel(status).0,
+            observer,
+        };
+        if let Some(observe) = &board.observer {
+            observe(&board.snapshot());
+        }
+        board
     }
 
     pub fn subscribe(&self) -> watch::Receiver<NodeStatus> {
-        self.0.subscribe()
+        self.status.subscribe()
     }
 
     pub fn snapshot(&self) -> NodeStatus {
-        self.0.borrow().clone()
+        self.status.borrow().clone()
     }
 
-    /// Applies `change`; readers wake only if something changed.
+    /// Applies `change`; readers wake, and the observer hears, only if something changed.
     pub fn update(&self, change: impl FnOnce(&mut NodeStatus)) {
-        self.0.send_if_modified(|status| {
+        let changed = self.status.send_if_modified(|status| {
             let before = status.clone();
             change(status);
-            status.healthy = status.phase == "supervise"
-                && !status.tasks.is_empty()
-                && status.tasks.iter().all(|t| t.state == "healthy");
+            status.healthy =
+                status.phase == "supervise" && status.tasks.iter().all(|t| t.state == "healthy");
             *status != before
         });
+        if let (true, Some(observe)) = (changed, &self.observer) {
+            observe(&self.snapshot());
+        }
     }
 
     pub fn set_phase(&self, phase: &str) {
@@ -245,7 +263,7 @@ impl NodeStatus {
             "join" => format!("joining ECS cluster {}", self.cluster),
             "render" => "rendering config files".into(),
             "stopping" => "stopping; the tasks keep running".into(),
-            "supervise" if self.tasks.is_empty() => "starting the tasks".into(),
+            "supervise" if self.tasks.is_empty() => "no tasks to supervise".into(),
             "supervise" => {
                 let healthy = self.tasks.iter().filter(|t| t.state == "healthy").count();
                 let mut line = format!("{healthy}/{} tasks healthy", self.tasks.len());
@@ -430,9 +448,13 @@ mod tests {
 
     #[test]
     fn healthy_means_supervising_with_every_task_healthy() {
-        let board = Board::new("c", "docker");
+        let board = Board::new("c", "docker", None);
         board.update(|s| s.tasks = vec![task("a", "healthy", 0)]);
         assert!(!board.snapshot().healthy, "still booting");
+        board.set_phase("supervise");
+        board.update(|s| s.tasks.clear());
+        assert!(board.snapshot().healthy, "no task: nothing to wait for");
+        board.update(|s| s.tasks = vec![task("a", "healthy", 0)]);
         board.set_phase("supervise");
         assert!(board.snapshot().healthy);
         board.update(|s| s.tasks.push(task("b", "crash-loop", 6)));
@@ -443,7 +465,7 @@ mod tests {
 
     #[test]
     fn the_summary_follows_the_phase() {
-        let board = Board::new("prod", "ecs");
+        let board = Board::new("prod", "ecs", None);
         assert_eq!(board.snapshot().summary(), "reading instance metadata");
         board.set_phase("join");
         assert_eq!(board.snapshot().summary(), "joining ECS cluster prod");
@@ -454,7 +476,7 @@ mod tests {
             "waiting for the ECS agent (12 s)"
         );
         board.set_phase("supervise");
-        assert_eq!(board.snapshot().summary(), "starting the tasks");
+        assert_eq!(board.snapshot().summary(), "no tasks to supervise");
     }
 
     #[test]

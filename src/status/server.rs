@@ -3,8 +3,8 @@
 //! on the optional TCP metrics address.
 //!
 //! The socket is created mode 0660 (owner root, group `nodeagent` when that group exists), in
-//! a directory created 0750 if missing. A socket left by a dead agent is replaced; one that
-//! still answers means another agent runs, and that is an error.
+//! a directory created 0750 (same group) if missing. A lock beside it makes it one agent's: a
+//! socket left by a dead agent is replaced; a second agent is refused.
 
 use super::{metrics, NodeStatus};
 use anyhow::{bail, Context as _};
@@ -14,7 +14,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
@@ -30,8 +30,23 @@ const DIR_MODE: u32 = 0o750;
 /// What is served: the status as of the request.
 pub type Snapshot = Arc<dyn Fn() -> NodeStatus + Send + Sync>;
 
-/// Binds the status socket at `path` (see the module doc); `group` owns it when given.
-pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener> {
+/// The bound status socket: the lock that makes it this agent's, and the path, removed when
+/// the agent ends.
+pub struct SocketGuard {
+    path: PathBuf,
+    _lock: std::fs::File,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds the status socket at `path` (see the module doc); `group` owns it (and a directory
+/// created for it) when given. One agent per socket: `PATH.lock` beside it is held (flock) for
+/// the agent's life, so a socket left by a killed agent is replaced and a live agent's is not.
+pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<(UnixListener, SocketGuard)> {
     let dir = path
         .parent()
         .with_context(|| format!("status socket {} has no directory", path.display()))?;
@@ -39,16 +54,40 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the status socket's directory {}", dir.display()))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(DIR_MODE))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another nodeagent answers on {}: stop it first (systemctl stop nodeagent), or give this one another status.socket",
-                path.display()
-            );
+        if let Some(gid) = group {
+            std::os::unix::fs::chown(dir, None, Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", dir.display()))?;
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("removing the stale status socket {}", path.display()))?;
+    }
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening the status socket's lock {}", lock_path.display()))?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another nodeagent holds {} and answers on {}: stop it first (systemctl stop nodeagent), or give this one another status.socket",
+            lock_path.display(),
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            return Err(anyhow::Error::new(e)
+                .context(format!("locking {}", lock_path.display())))
+        }
+    }
+    // Ours now: whatever is at the path was left by an agent that is gone.
+    match std::fs::remove_file(path) {
+        Ok(()) => debug!(path = %path.display(), "removed a stale status socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "removing the stale status socket {}",
+                path.display()
+            )))
+        }
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("binding the status socket {}", path.display()))?;
@@ -58,7 +97,11 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<UnixListener
             format!("giving the status socket {} to group {gid}", path.display())
         })?;
     }
-    Ok(listener)
+    let guard = SocketGuard {
+        path: path.to_path_buf(),
+        _lock: lock,
+    };
+    Ok((listener, guard))
 }
 
 /// Serves `/v1/status` and `/metrics` on the Unix socket until the task is dropped.

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// While a task is not yet healthy it is probed this often (at most its interval).
 const FIRST_PROBES: Duration = Duration::from_millis(250);
@@ -207,7 +207,7 @@ impl Supervisor {
             .collect();
         let (status, _) = watch::channel(Vec::new());
         let (ping_sender, pings) = mpsc::channel(1);
-        Supervisor {
+        let supervisor = Supervisor {
             runtime,
             policy,
             slots,
@@ -218,7 +218,9 @@ impl Supervisor {
             until: Until::Shutdown,
             pings,
             ping_sender,
-        }
+        };
+        supervisor.publish(); // every task `starting`, before anything ran
+        supervisor
     }
 
     /// A handle to ask whether the loop is turning.
@@ -336,23 +338,27 @@ impl Supervisor {
                 let runtime = self.runtime.clone();
                 let name = slot.spec.name.clone();
                 let dead = slot.dead.take();
-                jobs.spawn(async move {
-                    // A live instance (restarted for being unhealthy) may hold ports: it goes
-                    // first. A dead one is removed after its replacement started, off the
-                    // restart's critical path.
-                    let (before, after) = match dead {
-                        Some(d) if d.running => (Some(d), None),
-                        d => (None, d),
-                    };
-                    if let Some(old) = &before {
-                        remove_old(runtime.as_ref(), old).await;
+                let span = info_span!("task", task = %name);
+                jobs.spawn(
+                    async move {
+                        // A live instance (restarted for being unhealthy) may hold ports: it goes
+                        // first. A dead one is removed after its replacement started, off the
+                        // restart's critical path.
+                        let (before, after) = match dead {
+                            Some(d) if d.running => (Some(d), None),
+                            d => (None, d),
+                        };
+                        if let Some(old) = &before {
+                            remove_old(runtime.as_ref(), old).await;
+                        }
+                        let started = runtime.start(&name).await;
+                        if let Some(old) = &after {
+                            remove_old(runtime.as_ref(), old).await;
+                        }
+                        Job::Started(i, started)
                     }
-                    let started = runtime.start(&name).await;
-                    if let Some(old) = &after {
-                        remove_old(runtime.as_ref(), old).await;
-                    }
-                    Job::Started(i, started)
-                });
+                    .instrument(span),
+                );
             }
             if let (Some(inst), Some(probe)) = (&slot.instance, &slot.spec.probe) {
                 if !slot.probing && slot.next_probe.is_some_and(|t| t <= now) {
@@ -362,11 +368,15 @@ impl Supervisor {
                     let probe = probe.clone();
                     let timeout = slot.spec.timeout;
                     let id = inst.id.clone();
-                    jobs.spawn(async move {
-                        let t = Instant::now();
-                        let result = health::check(&http, &probe, timeout).await;
-                        Job::Probed(i, id, t.elapsed(), result)
-                    });
+                    let span = info_span!("task", task = %slot.spec.name);
+                    jobs.spawn(
+                        async move {
+                            let t = Instant::now();
+                            let result = health::check(&http, &probe, timeout).await;
+                            Job::Probed(i, id, t.elapsed(), result)
+                        }
+                        .instrument(span),
+                    );
                 }
             }
         }

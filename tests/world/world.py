@@ -258,6 +258,9 @@ def populate(args, moto_url):
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, like the real services
+    # Headers and body are two writes: with Nagle's algorithm the body waits for the client's
+    # delayed ACK (40 ms) on a kept-alive connection, a delay no real service adds.
+    disable_nagle_algorithm = True
 
     def version_string(self):
         return getattr(self.server.fixture, "server_header", "nodeagent-world")
