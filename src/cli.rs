@@ -13,6 +13,7 @@ use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
 use crate::imds::{AwsImds, Imds};
+use crate::lifecycle::ready::ReadinessGate;
 use crate::logging::{self, Logging};
 use crate::render::{self, Renderer};
 use crate::runtime::docker::DockerRuntime;
@@ -589,6 +590,42 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
             }
         }
     }));
+    let _gate = match (&report.container_instance_arn, &settings.lifecycle) {
+        // Bootstrap only (`--once`) does not stay to keep the attribute true.
+        (Some(ci), lc) if !once && !lc.ready_attribute.is_empty() => {
+            let (present, mut seen) = tokio::sync::watch::channel(None);
+            let attribute = lc.ready_attribute.clone();
+            board.update(|s| {
+                s.readiness = Some(status::Readiness {
+                    attribute: attribute.clone(),
+                    set: None,
+                })
+            });
+            let gate = ReadinessGate {
+                api: Arc::new(SdkEcs::new(&sdk, calls.clone())),
+                cluster: settings.cluster.clone(),
+                container_instance: ci.clone(),
+                attribute,
+                grace: lc.degraded_grace,
+            };
+            let board = board.clone();
+            let follow = async move {
+                while seen.changed().await.is_ok() {
+                    let set = *seen.borrow_and_update();
+                    board.update(|s| {
+                        if let Some(r) = &mut s.readiness {
+                            r.set = set;
+                        }
+                    });
+                }
+            };
+            Some((
+                AbortOnDrop(tokio::spawn(gate.run(supervisor.watch(), present))),
+                AbortOnDrop(tokio::spawn(follow)),
+            ))
+        }
+        _ => None,
+    };
     let _watchdog = AbortOnDrop(tokio::spawn(notify::watchdog(
         manager.clone(),
         supervisor.liveness(),

@@ -1,5 +1,5 @@
 //! ECS boundary: owns the ECS control-plane calls nodeagent makes about its own container
-//! instance — list, describe, start and stop tasks.
+//! instance — list, describe, start and stop tasks; set and remove its attributes.
 
 use crate::aws::{describe, AwsCalls};
 use anyhow::{anyhow, Context};
@@ -11,6 +11,8 @@ const LIST_TASKS: &str = "ecs:ListTasks";
 const DESCRIBE_TASKS: &str = "ecs:DescribeTasks";
 const START_TASK: &str = "ecs:StartTask";
 const STOP_TASK: &str = "ecs:StopTask";
+const PUT_ATTRIBUTES: &str = "ecs:PutAttributes";
+const DELETE_ATTRIBUTES: &str = "ecs:DeleteAttributes";
 
 /// A task as ECS reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +66,28 @@ pub trait Ecs: Send + Sync {
         container_instance: &str,
         started_by: &str,
     ) -> anyhow::Result<StartOutcome>;
+}
+
+/// What nodeagent says about its own container instance (the readiness gate).
+#[async_trait]
+pub trait ContainerInstance: Send + Sync {
+    /// `PutAttributes`: the attribute `name=value` on `container_instance` (its full ARN).
+    async fn put_attribute(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+        name: &str,
+        value: &str,
+    ) -> anyhow::Result<()>;
+    /// `DeleteAttributes`: removes attribute `name` (set to `value`) from `container_instance`;
+    /// an attribute that is not there is not an error.
+    async fn delete_attribute(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+        name: &str,
+        value: &str,
+    ) -> anyhow::Result<()>;
 }
 
 pub struct SdkEcs {
@@ -217,5 +241,69 @@ impl Ecs for SdkEcs {
                 })
                 .collect(),
         ))
+    }
+}
+
+#[async_trait]
+impl ContainerInstance for SdkEcs {
+    async fn put_attribute(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+        name: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        // The full ARN as target needs no targetType.
+        let attribute = aws_sdk_ecs::types::Attribute::builder()
+            .name(name)
+            .value(value)
+            .target_id(container_instance)
+            .build()?;
+        let out = self
+            .client
+            .put_attributes()
+            .cluster(cluster)
+            .attributes(attribute)
+            .send()
+            .await;
+        self.calls.record(PUT_ATTRIBUTES, out.is_ok());
+        out.map(|_| ()).map_err(|e| anyhow!(describe(&e))).with_context(|| {
+            format!("{PUT_ATTRIBUTES} {name}={value} on {container_instance} failed; the instance role needs ecs:PutAttributes")
+        })
+    }
+
+    async fn delete_attribute(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+        name: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        // ECS deletes by name; the value is given too, as emulators match on it.
+        let attribute = aws_sdk_ecs::types::Attribute::builder()
+            .name(name)
+            .value(value)
+            .target_id(container_instance)
+            .build()?;
+        let out = self
+            .client
+            .delete_attributes()
+            .cluster(cluster)
+            .attributes(attribute)
+            .send()
+            .await;
+        self.calls.record(DELETE_ATTRIBUTES, out.is_ok());
+        match out {
+            Ok(_) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|s| s.is_target_not_found_exception()) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(anyhow!(describe(&e))).with_context(|| {
+                format!("{DELETE_ATTRIBUTES} {name} on {container_instance} failed; the instance role needs ecs:DeleteAttributes")
+            }),
+        }
     }
 }

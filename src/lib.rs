@@ -17,6 +17,7 @@ pub mod ecs_config;
 pub mod facts;
 pub mod hostfs;
 pub mod imds;
+pub mod lifecycle;
 pub mod logging;
 pub mod render;
 pub mod retry;

@@ -36,6 +36,7 @@ pub struct Settings {
     pub supervision: Supervision,
     pub status: Status,
     pub metrics: Metrics,
+    pub lifecycle: Lifecycle,
     /// Free-form values made available to templates as `vars.*`.
     pub vars: BTreeMap<String, toml::Value>,
     /// The node's foundational tasks, keyed by name so layers merge per task.
@@ -86,6 +87,26 @@ pub struct Status {
     /// Unix socket the agent serves its status on (mode 0660, group `nodeagent`). Under `--root`
     /// when given. Never a TCP port: the status names the node's internals.
     pub socket: String,
+}
+
+/// The node's life in its cluster: the readiness attribute, reserved memory.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Container-instance attribute set to "true" (`PutAttributes`) once every task is healthy
+    /// and removed when the node stays degraded for `degraded_grace`; services opt in with the
+    /// placement constraint `attribute:<name> == true`. Empty: no attribute.
+    pub ready_attribute: String,
+    /// Also register the attribute as "false" from the first registration
+    /// (`ECS_INSTANCE_ATTRIBUTES` in ecs.config).
+    pub ready_attribute_at_join: bool,
+    /// How long a degraded node keeps its readiness attribute.
+    #[serde(with = "humantime_serde")]
+    pub degraded_grace: Duration,
+    /// Docker runtime on an ECS node: reserve the supervised containers' memory from ECS
+    /// (`ECS_RESERVED_MEMORY` = their `memory_mb` + `reserved_memory_margin_mb`).
+    pub reserve_memory: bool,
+    pub reserved_memory_margin_mb: u64,
 }
 
 /// The Prometheus endpoint.
@@ -324,14 +345,37 @@ impl Settings {
     /// The managed ecs.config lines: `ECS_CLUSTER` first, then `[ecs.config]` in key order.
     pub fn ecs_config_lines(&self) -> Vec<(String, String)> {
         let mut lines = vec![("ECS_CLUSTER".to_string(), self.cluster.clone())];
+        let lc = &self.lifecycle;
+        if lc.ready_attribute_at_join && !lc.ready_attribute.is_empty() {
+            let attributes = serde_json::json!({ lc.ready_attribute.as_str(): "false" });
+            lines.push(("ECS_INSTANCE_ATTRIBUTES".into(), attributes.to_string()));
+        }
+        if let Some(mb) = self.reserved_memory_mb() {
+            lines.push(("ECS_RESERVED_MEMORY".into(), mb.to_string()));
+        }
         lines.extend(
             self.ecs
                 .config
                 .iter()
-                .filter(|(k, _)| k.as_str() != "ECS_CLUSTER")
-                .map(|(k, v)| (k.clone(), v.clone())),
+                .filter(|(k, _)| !lines.iter().any(|(ours, _)| ours == *k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<Vec<_>>(),
         );
         lines
+    }
+
+    /// `ECS_RESERVED_MEMORY` in MiB when `lifecycle.reserve_memory` asks for it: the memory
+    /// limits of the supervised containers plus the margin.
+    pub fn reserved_memory_mb(&self) -> Option<u64> {
+        let wanted =
+            self.lifecycle.reserve_memory && self.runtime == RuntimeKind::Docker && self.ecs.join;
+        wanted.then(|| {
+            let tasks: u64 = self
+                .enabled_tasks()
+                .filter_map(|t| self.tasks[t.name].container.memory_mb)
+                .sum();
+            tasks + self.lifecycle.reserved_memory_margin_mb
+        })
     }
 
     /// Checks what types alone cannot; every problem found is reported, one per line.
@@ -389,6 +433,31 @@ impl Settings {
                 "metrics.listen = {:?}: expected ADDRESS:PORT such as \"127.0.0.1:9113\", or \"\" for no metrics",
                 self.metrics.listen
             ));
+        }
+        let lc = &self.lifecycle;
+        let attribute_ok = lc.ready_attribute.len() <= 128
+            && lc
+                .ready_attribute
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./@".contains(c));
+        if !attribute_ok || lc.ready_attribute_at_join && lc.ready_attribute.is_empty() {
+            problems.push(format!(
+                "lifecycle.ready_attribute = {:?}: an ECS attribute name is 1-128 letters, digits, '-', '_', '.', '/' or '@' (\"\" for none, then without ready_attribute_at_join)",
+                lc.ready_attribute
+            ));
+        }
+        if lc.reserve_memory && (self.runtime != RuntimeKind::Docker || !self.ecs.join) {
+            problems.push("lifecycle.reserve_memory is for the docker runtime on an ECS node (ecs.join = true): ECS already accounts for ECS tasks".into());
+        }
+        let ours = ["ECS_RESERVED_MEMORY", "ECS_INSTANCE_ATTRIBUTES"];
+        for key in ours.iter().filter(|k| self.ecs.config.contains_key(**k)) {
+            let set_by_us = (*key == "ECS_RESERVED_MEMORY" && self.reserved_memory_mb().is_some())
+                || (*key == "ECS_INSTANCE_ATTRIBUTES" && lc.ready_attribute_at_join);
+            if set_by_us {
+                problems.push(format!(
+                    "ecs.config.{key} is set by lifecycle settings too: keep one"
+                ));
+            }
         }
         let sup = &self.supervision;
         if sup.backoff_initial.is_zero() || sup.backoff_max < sup.backoff_initial {
@@ -584,5 +653,45 @@ mod tests {
         assert_eq!(parse_mode("0o600"), Some(0o600));
         assert_eq!(parse_mode("0999"), None);
         assert_eq!(parse_mode(""), None);
+    }
+
+    #[test]
+    fn lifecycle_keys_reach_ecs_config() {
+        let settings = |text: &str| super::from_fragments(&[super::Fragment::file("t", text)]);
+        let docker = "runtime = \"docker\"\n[tasks.consul-agent.container]\nmemory_mb = 100\n\
+                      [tasks.linkerd.container]\nmemory_mb = 200\n[tasks.consul-registrator.container]\nmemory_mb = 50\n";
+        let s = settings(&format!(
+            "{docker}[lifecycle]\nreserve_memory = true\nreserved_memory_margin_mb = 64\nready_attribute_at_join = true\n"
+        ))
+        .unwrap();
+        let lines = s.ecs_config_lines();
+        assert!(
+            lines.contains(&("ECS_RESERVED_MEMORY".into(), "414".into())),
+            "{lines:?}"
+        );
+        assert!(
+            lines.contains(&(
+                "ECS_INSTANCE_ATTRIBUTES".into(),
+                r#"{"nodeagent.ready":"false"}"#.into()
+            )),
+            "{lines:?}"
+        );
+        let err = settings("[lifecycle]\nreserve_memory = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("reserve_memory is for the docker runtime"),
+            "{err}"
+        );
+        let err = settings(&format!(
+            "{docker}[lifecycle]\nreserve_memory = true\n[ecs.config]\nECS_RESERVED_MEMORY = \"1\"\n"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("set by lifecycle settings too"), "{err}");
+        let err = settings("[lifecycle]\nready_attribute = \"has space\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("an ECS attribute name is"), "{err}");
     }
 }

@@ -47,6 +47,8 @@ pub struct NodeStatus {
     /// `ecs` or `docker`.
     pub runtime: String,
     pub container_instance_arn: Option<String>,
+    /// The readiness attribute; `null` without one (no container instance, or none configured).
+    pub readiness: Option<Readiness>,
     pub consul: Consul,
     pub tasks: Vec<Task>,
     pub files: Vec<File>,
@@ -67,6 +69,15 @@ pub struct Phase {
     pub phase: String,
     pub started_ms: f64,
     pub took_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    /// The attribute's name, e.g. `nodeagent.ready`.
+    pub attribute: String,
+    /// Whether it is set on the container instance: `null` until nodeagent first set or
+    /// removed it.
+    pub set: Option<bool>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -320,6 +331,14 @@ impl NodeStatus {
         );
         if let Some(arn) = &self.container_instance_arn {
             let _ = writeln!(out, "instance   {arn}");
+        }
+        if let Some(r) = &self.readiness {
+            let state = match r.set {
+                Some(true) => format!("{}=true: takes application tasks", r.attribute),
+                Some(false) => format!("{} removed: takes no new application tasks", r.attribute),
+                None => format!("{} not set yet", r.attribute),
+            };
+            let _ = writeln!(out, "ready      {state}");
         }
         if let Some(found) = &self.consul.found_at {
             let _ = writeln!(
