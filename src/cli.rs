@@ -4,15 +4,19 @@
 //! collaborators explicitly.
 
 use crate::agent::HttpAgent;
+use crate::asg::SdkAutoScaling;
 use crate::aws::{self, AwsCalls};
 use crate::boot::{self, Node, PhaseTime, Progress};
 use crate::config::{self, ConfigError, Fragment, Loaded, RuntimeKind, TAG_PREFIX};
+use crate::consul::HttpConsul;
 use crate::docker::{BollardDocker, Docker};
 use crate::ec2::{Ec2, SdkEc2};
 use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
 use crate::imds::{AwsImds, Imds};
+use crate::lifecycle::drain::{wait_for_trigger, Drain, DrainRequest, Trigger, Withdraw};
+use crate::lifecycle::heal::SelfHeal;
 use crate::lifecycle::ready::ReadinessGate;
 use crate::logging::{self, Logging};
 use crate::render::{self, Renderer};
@@ -75,6 +79,20 @@ enum Command {
         /// Refresh every 2 seconds until interrupted.
         #[arg(long)]
         watch: bool,
+    },
+    /// Drain the node now: the running agent runs the ordered drain (readiness withdrawn,
+    /// DRAINING, Consul maintenance, application tasks stopped, foundational tasks stopped in
+    /// reverse order, Consul leave). Prints each step; exit 0 done, 1 a step failed, 3 no agent.
+    Drain {
+        #[command(flatten)]
+        common: Common,
+        /// The agent's socket [default: status.socket of the configuration files].
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// How long to wait for the application tasks to stop [default:
+        /// lifecycle.drain_tasks_timeout].
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        timeout: Option<Duration>,
     },
     /// Render every config file from given facts into a directory, for reviewing templates.
     Render {
@@ -172,6 +190,11 @@ async fn dispatch(command: Command, logging: &Logging) -> anyhow::Result<ExitCod
             watch,
         } => Ok(show_status(&common, socket, json, watch).await),
         Command::Render { common, facts, out } => render(&common, &facts, &out),
+        Command::Drain {
+            common,
+            socket,
+            timeout,
+        } => Ok(drain(&common, socket, timeout).await),
         Command::Config {
             command: ConfigCommand::Check { common },
         } => check_config(&common),
@@ -401,14 +424,49 @@ fn render(common: &Common, facts: &Path, out: &Path) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// `nodeagent status`: 0 healthy, 1 degraded, 3 no agent.
-async fn show_status(
-    common: &Common,
-    socket: Option<PathBuf>,
-    json: bool,
-    watch: bool,
-) -> ExitCode {
-    let socket = socket.unwrap_or_else(|| {
+/// `nodeagent drain`: asks the agent, then follows the drain's steps until it is done.
+async fn drain(common: &Common, socket: Option<PathBuf>, timeout: Option<Duration>) -> ExitCode {
+    let socket = socket_path(common, socket);
+    let code = |e: &client::FetchError| match e {
+        client::FetchError::NotRunning(_) => 3,
+        client::FetchError::NoAnswer(_) => 4,
+    };
+    if let Err(e) = client::request_drain(&socket, timeout).await {
+        eprintln!("nodeagent: {e}");
+        return ExitCode::from(code(&e));
+    }
+    let mut shown = 0;
+    loop {
+        let status = match client::fetch(&socket).await {
+            Ok(status) => status,
+            Err(e) => {
+                eprintln!("nodeagent: {e}");
+                return ExitCode::from(code(&e));
+            }
+        };
+        if let Some(d) = &status.drain {
+            for step in d.steps.iter().skip(shown) {
+                let mark = if step.ok { "ok" } else { "FAILED" };
+                println!(
+                    "{mark:<6} {} ({} ms): {}",
+                    step.step, step.took_ms, step.detail
+                );
+            }
+            shown = d.steps.len();
+            if d.done {
+                let failed = d.steps.iter().any(|s| !s.ok);
+                println!("drained ({})", d.trigger);
+                return ExitCode::from(u8::from(failed));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The agent's socket: `--socket`, else `status.socket` of the configuration files (under
+/// `--root`).
+fn socket_path(common: &Common, socket: Option<PathBuf>) -> PathBuf {
+    socket.unwrap_or_else(|| {
         let path = match file_layers(common).and_then(|f| config::from_fragments(&f)) {
             Ok(settings) => settings.status.socket,
             Err(e) => {
@@ -419,7 +477,17 @@ async fn show_status(
             }
         };
         RootedFs::new(&common.root).resolve(&path)
-    });
+    })
+}
+
+/// `nodeagent status`: 0 healthy, 1 degraded, 3 no agent, 4 no answer.
+async fn show_status(
+    common: &Common,
+    socket: Option<PathBuf>,
+    json: bool,
+    watch: bool,
+) -> ExitCode {
+    let socket = socket_path(common, socket);
     let mut interrupted = std::pin::pin!(tokio::signal::ctrl_c());
     loop {
         let code = match client::fetch(&socket).await {
@@ -510,7 +578,13 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     let socket = fs.resolve(&early.status.socket);
     let group = fs.group_id("nodeagent").unwrap_or(None);
     let (listener, _socket) = server::bind_unix(&socket, group)?;
-    let _server = AbortOnDrop(tokio::spawn(server::serve_unix(listener, snapshot.clone())));
+    // A drain asked for during the boot waits for the supervision to begin.
+    let (drain_requests, drains) = tokio::sync::mpsc::channel(1);
+    let _server = AbortOnDrop(tokio::spawn(server::serve_unix(
+        listener,
+        snapshot.clone(),
+        drain_requests,
+    )));
     let stop = |during: &str| {
         board.set_phase("stopping");
         manager.notify(&[
@@ -528,6 +602,7 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
         facts,
         report,
         sdk,
+        imds,
     } = tokio::select! {
         booted = boot => booted?,
         _ = signals.recv() => return stop(" during the boot"),
@@ -590,41 +665,21 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
             }
         }
     }));
-    let _gate = match (&report.container_instance_arn, &settings.lifecycle) {
-        // Bootstrap only (`--once`) does not stay to keep the attribute true.
-        (Some(ci), lc) if !once && !lc.ready_attribute.is_empty() => {
-            let (present, mut seen) = tokio::sync::watch::channel(None);
-            let attribute = lc.ready_attribute.clone();
-            board.update(|s| {
-                s.readiness = Some(status::Readiness {
-                    attribute: attribute.clone(),
-                    set: None,
-                })
-            });
-            let gate = ReadinessGate {
-                api: Arc::new(SdkEcs::new(&sdk, calls.clone())),
-                cluster: settings.cluster.clone(),
-                container_instance: ci.clone(),
-                attribute,
-                grace: lc.degraded_grace,
-            };
-            let board = board.clone();
-            let follow = async move {
-                while seen.changed().await.is_ok() {
-                    let set = *seen.borrow_and_update();
-                    board.update(|s| {
-                        if let Some(r) = &mut s.readiness {
-                            r.set = set;
-                        }
-                    });
-                }
-            };
-            Some((
-                AbortOnDrop(tokio::spawn(gate.run(supervisor.watch(), present))),
-                AbortOnDrop(tokio::spawn(follow)),
-            ))
-        }
-        _ => None,
+    // Bootstrap only (`--once`) does not stay to keep the node's standing.
+    let _lifecycle = if once {
+        Vec::new()
+    } else {
+        start_lifecycle(
+            &settings,
+            &facts,
+            &report,
+            &sdk,
+            &calls,
+            imds,
+            &supervisor,
+            &board,
+            drains,
+        )
     };
     let _watchdog = AbortOnDrop(tokio::spawn(notify::watchdog(
         manager.clone(),
@@ -654,12 +709,152 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// The node's standing beside the supervision: the readiness gate, self-healing, and the
+/// drain (on a trigger seen in IMDS or a request on the socket); the board shows them.
+#[allow(clippy::too_many_arguments)]
+fn start_lifecycle(
+    settings: &config::Settings,
+    facts: &InstanceFacts,
+    report: &boot::BootReport,
+    sdk: &aws_config::SdkConfig,
+    calls: &Arc<AwsCalls>,
+    imds: Arc<dyn Imds>,
+    supervisor: &Supervisor,
+    board: &Board,
+    mut drains: tokio::sync::mpsc::Receiver<DrainRequest>,
+) -> Vec<AbortOnDrop<()>> {
+    use tokio::sync::watch;
+    let lc = &settings.lifecycle;
+    let ecs = Arc::new(SdkEcs::new(sdk, calls.clone()));
+    let asg = Arc::new(SdkAutoScaling::new(sdk, calls.clone()));
+    let mut running = Vec::new();
+
+    let readiness = match &report.container_instance_arn {
+        Some(ci) if !lc.ready_attribute.is_empty() => {
+            let (present, mut seen) = watch::channel(None);
+            let (withdraw, withdrawn) = watch::channel(false);
+            let attribute = lc.ready_attribute.clone();
+            board.update(|s| {
+                s.readiness = Some(status::Readiness {
+                    attribute: attribute.clone(),
+                    set: None,
+                })
+            });
+            let gate = ReadinessGate {
+                api: ecs.clone(),
+                cluster: settings.cluster.clone(),
+                container_instance: ci.clone(),
+                attribute,
+                grace: lc.degraded_grace,
+            };
+            let withdraw = Withdraw {
+                withdraw,
+                present: seen.clone(),
+            };
+            let board = board.clone();
+            running.push(AbortOnDrop(tokio::spawn(gate.run(
+                supervisor.watch(),
+                withdrawn,
+                present,
+            ))));
+            running.push(AbortOnDrop(tokio::spawn(async move {
+                while seen.changed().await.is_ok() {
+                    let set = *seen.borrow_and_update();
+                    board.update(|s| {
+                        if let Some(r) = &mut s.readiness {
+                            r.set = set;
+                        }
+                    });
+                }
+            })));
+            Some(withdraw)
+        }
+        _ => None,
+    };
+
+    if !lc.unhealthy_after.is_zero() {
+        let heal = SelfHeal {
+            asg: asg.clone(),
+            instance_id: facts.instance_id.clone(),
+            after: lc.unhealthy_after,
+        };
+        running.push(AbortOnDrop(tokio::spawn(heal.run(supervisor.watch()))));
+    }
+
+    let consul: Arc<dyn crate::consul::ConsulAgent> = match HttpConsul::new(&settings.consul.api) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "no Consul client: no drain");
+            return running;
+        }
+    };
+    let mut drain = Drain {
+        cluster: settings.cluster.clone(),
+        container_instance: report.container_instance_arn.clone(),
+        instance_id: facts.instance_id.clone(),
+        started_by: crate::runtime::ecs::started_by(&facts.instance_id),
+        ecs,
+        consul,
+        asg,
+        control: supervisor.control(),
+        readiness,
+        // The levels in reverse; within a level, the start order (registrator before linkerd).
+        stop_order: settings
+            .start_levels()
+            .into_iter()
+            .rev()
+            .flatten()
+            .map(|t| t.name.to_string())
+            .collect(),
+        consul_task: Some(settings.consul.agent_task.clone()).filter(|t| !t.is_empty()),
+        lifecycle_hook: Some(lc.lifecycle_hook.clone()).filter(|h| !h.is_empty()),
+        tasks_timeout: lc.drain_tasks_timeout,
+        step_timeout: lc.drain_step_timeout,
+    };
+    let (poll, rebalance) = (lc.trigger_poll, lc.drain_on_rebalance);
+    let board = board.clone();
+    running.push(AbortOnDrop(tokio::spawn(async move {
+        let trigger = tokio::select! {
+            t = wait_for_trigger(imds, poll, rebalance) => t,
+            Some(request) = drains.recv() => {
+                if let Some(t) = request.tasks_timeout {
+                    drain.tasks_timeout = t;
+                }
+                Trigger::Requested
+            }
+        };
+        let (progress, mut seen) = watch::channel(None);
+        board.set_phase("draining");
+        let follow = {
+            let board = board.clone();
+            async move {
+                while seen.changed().await.is_ok() {
+                    let d = seen.borrow_and_update().clone();
+                    board.update(|s| s.drain = d);
+                }
+            }
+        };
+        tokio::join!(
+            async {
+                drain.run(trigger, &progress).await;
+                drop(progress);
+            },
+            follow
+        );
+        board.set_phase("drained");
+        // Later requests find the drain done; the socket keeps answering.
+        while drains.recv().await.is_some() {}
+    })));
+    running
+}
+
 /// What the boot found, for the supervision that follows.
 struct Booted {
     settings: config::Settings,
     facts: InstanceFacts,
     report: boot::BootReport,
     sdk: aws_config::SdkConfig,
+    imds: Arc<dyn Imds>,
 }
 
 /// Steps 1 to 5: the instance facts, then the configuration layers the instance carries, then
@@ -725,6 +920,7 @@ async fn boot_node(
         facts,
         report,
         sdk,
+        imds: Arc::new(imds),
     })
 }
 

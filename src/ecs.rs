@@ -12,6 +12,7 @@ const DESCRIBE_TASKS: &str = "ecs:DescribeTasks";
 const START_TASK: &str = "ecs:StartTask";
 const STOP_TASK: &str = "ecs:StopTask";
 const PUT_ATTRIBUTES: &str = "ecs:PutAttributes";
+const UPDATE_STATE: &str = "ecs:UpdateContainerInstancesState";
 const DELETE_ATTRIBUTES: &str = "ecs:DeleteAttributes";
 
 /// A task as ECS reports it.
@@ -68,9 +69,19 @@ pub trait Ecs: Send + Sync {
     ) -> anyhow::Result<StartOutcome>;
 }
 
-/// What nodeagent says about its own container instance (the readiness gate).
+/// What nodeagent says and asks about its own container instance (readiness, drain).
 #[async_trait]
 pub trait ContainerInstance: Send + Sync {
+    /// `UpdateContainerInstancesState DRAINING`: ECS moves service tasks elsewhere and places
+    /// nothing new here.
+    async fn set_draining(&self, cluster: &str, container_instance: &str) -> anyhow::Result<()>;
+    /// The tasks on `container_instance` that are not `STOPPED` yet, whatever their desired
+    /// status (a task told to stop is still there until it has).
+    async fn tasks_not_stopped(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+    ) -> anyhow::Result<Vec<EcsTask>>;
     /// `PutAttributes`: the attribute `name=value` on `container_instance` (its full ARN).
     async fn put_attribute(
         &self,
@@ -121,12 +132,13 @@ fn task_from(t: &aws_sdk_ecs::types::Task) -> EcsTask {
     }
 }
 
-#[async_trait]
-impl Ecs for SdkEcs {
-    async fn list_running_tasks(
+impl SdkEcs {
+    /// Task ARNs on `container_instance` with `desired` status, all pages.
+    async fn list_tasks(
         &self,
         cluster: &str,
         container_instance: &str,
+        desired: DesiredStatus,
     ) -> anyhow::Result<Vec<String>> {
         let mut pages = self
             .client
@@ -134,7 +146,7 @@ impl Ecs for SdkEcs {
             .cluster(cluster)
             .container_instance(container_instance)
             // Always explicit: some implementations default to every status.
-            .desired_status(DesiredStatus::Running)
+            .desired_status(desired)
             .into_paginator()
             .send();
         let mut arns = Vec::new();
@@ -146,6 +158,18 @@ impl Ecs for SdkEcs {
             arns.extend(page.task_arns().iter().cloned());
         }
         Ok(arns)
+    }
+}
+
+#[async_trait]
+impl Ecs for SdkEcs {
+    async fn list_running_tasks(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        self.list_tasks(cluster, container_instance, DesiredStatus::Running)
+            .await
     }
 
     async fn describe_tasks(&self, cluster: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>> {
@@ -246,6 +270,53 @@ impl Ecs for SdkEcs {
 
 #[async_trait]
 impl ContainerInstance for SdkEcs {
+    async fn set_draining(&self, cluster: &str, container_instance: &str) -> anyhow::Result<()> {
+        let out = self
+            .client
+            .update_container_instances_state()
+            .cluster(cluster)
+            .container_instances(container_instance)
+            .status(aws_sdk_ecs::types::ContainerInstanceStatus::Draining)
+            .send()
+            .await;
+        self.calls.record(UPDATE_STATE, out.is_ok());
+        let out = out.map_err(|e| anyhow!(describe(&e))).with_context(|| {
+            format!("{UPDATE_STATE} DRAINING of {container_instance} failed; the instance role needs ecs:UpdateContainerInstancesState")
+        })?;
+        if let Some(f) = out.failures().first() {
+            anyhow::bail!(
+                "{UPDATE_STATE} DRAINING of {container_instance}: {} {}",
+                f.reason().unwrap_or_default(),
+                f.detail().unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    async fn tasks_not_stopped(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+    ) -> anyhow::Result<Vec<EcsTask>> {
+        let mut arns = self
+            .list_tasks(cluster, container_instance, DesiredStatus::Running)
+            .await?;
+        arns.extend(
+            self.list_tasks(cluster, container_instance, DesiredStatus::Stopped)
+                .await?,
+        );
+        arns.sort();
+        arns.dedup();
+        if arns.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tasks = self.describe_tasks(cluster, &arns).await?;
+        Ok(tasks
+            .into_iter()
+            .filter(|t| t.last_status != "STOPPED")
+            .collect())
+    }
+
     async fn put_attribute(
         &self,
         cluster: &str,

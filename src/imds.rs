@@ -81,6 +81,24 @@ pub trait Imds: Send + Sync {
         Ok(Some(tags))
     }
 
+    /// `Terminated` when the autoscaling group is terminating this instance (with a lifecycle
+    /// hook, it waits for us); `None` outside a group.
+    async fn target_lifecycle_state(&self) -> Result<Option<String>, ImdsError> {
+        self.get("/latest/meta-data/autoscaling/target-lifecycle-state")
+            .await
+    }
+
+    /// The spot interruption notice (`{"action": "terminate", "time": …}`); `None` until one.
+    async fn spot_instance_action(&self) -> Result<Option<String>, ImdsError> {
+        self.get("/latest/meta-data/spot/instance-action").await
+    }
+
+    /// The rebalance recommendation (`{"noticeTime": …}`); `None` until one.
+    async fn rebalance_recommendation(&self) -> Result<Option<String>, ImdsError> {
+        self.get("/latest/meta-data/events/recommendations/rebalance")
+            .await
+    }
+
     /// An item every EC2 instance has: a 404 is an error.
     async fn required(&self, path: &str) -> Result<String, ImdsError> {
         self.get(path).await?.ok_or_else(|| ImdsError {

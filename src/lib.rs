@@ -2,14 +2,16 @@
 //! from EC2 instance metadata, replacing the user-data script that used to do it.
 //!
 //! Data flows one way: facts → config → render → runtime → supervisor → status, with the CLI
-//! on top. The boundary modules (`imds`, `ec2`, `ecs`, `agent`, `docker`, `hostfs`, `systemd`)
+//! on top. The boundary modules (`imds`, `ec2`, `ecs`, `asg`, `agent`, `consul`, `docker`, `hostfs`, `systemd`)
 //! each hide one external system behind a small trait and never import each other.
 
 pub mod agent;
+pub mod asg;
 pub mod aws;
 pub mod boot;
 pub mod cli;
 pub mod config;
+pub mod consul;
 pub mod docker;
 pub mod ec2;
 pub mod ecs;

@@ -107,6 +107,25 @@ pub struct Lifecycle {
     /// (`ECS_RESERVED_MEMORY` = their `memory_mb` + `reserved_memory_margin_mb`).
     pub reserve_memory: bool,
     pub reserved_memory_margin_mb: u64,
+    /// IMDS is polled this often for a reason to drain (autoscaling termination, spot
+    /// interruption, rebalance recommendation).
+    #[serde(with = "humantime_serde")]
+    pub trigger_poll: Duration,
+    /// Drain on a rebalance recommendation too (an early warning, not a notice).
+    pub drain_on_rebalance: bool,
+    /// How long a drain waits for the application tasks to stop.
+    #[serde(with = "humantime_serde")]
+    pub drain_tasks_timeout: Duration,
+    /// Every other drain step is bounded by this.
+    #[serde(with = "humantime_serde")]
+    pub drain_step_timeout: Duration,
+    /// The autoscaling group's terminating lifecycle hook, completed after a drain it caused;
+    /// empty: none.
+    pub lifecycle_hook: String,
+    /// A task in crash-loop this long marks the instance Unhealthy in its autoscaling group
+    /// (`SetInstanceHealth`); 0 (the default): never.
+    #[serde(with = "humantime_serde")]
+    pub unhealthy_after: Duration,
 }
 
 /// The Prometheus endpoint.
@@ -127,6 +146,11 @@ pub struct Consul {
     /// How long to keep looking for a tagged, running server before giving up.
     #[serde(with = "humantime_serde")]
     pub discovery_timeout: Duration,
+    /// The local Consul agent's HTTP API (maintenance and leave during a drain).
+    pub api: String,
+    /// The task that runs the Consul agent: a drain calls `leave` before stopping it. Empty:
+    /// none.
+    pub agent_task: String,
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -445,6 +469,22 @@ impl Settings {
                 "lifecycle.ready_attribute = {:?}: an ECS attribute name is 1-128 letters, digits, '-', '_', '.', '/' or '@' (\"\" for none, then without ready_attribute_at_join)",
                 lc.ready_attribute
             ));
+        }
+        match reqwest::Url::parse(&self.consul.api) {
+            Ok(u) if u.scheme() == "http" || u.scheme() == "https" => {}
+            _ => problems.push(format!(
+                "consul.api = {:?} is not an http(s) URL",
+                self.consul.api
+            )),
+        }
+        let agent_task = &self.consul.agent_task;
+        if !agent_task.is_empty() && !self.enabled_tasks().any(|t| t.name == agent_task) {
+            problems.push(format!(
+                "consul.agent_task = {agent_task:?} is not an enabled task (\"\" when no task runs the Consul agent)"
+            ));
+        }
+        if lc.trigger_poll.is_zero() || lc.drain_step_timeout.is_zero() {
+            problems.push("lifecycle: trigger_poll and drain_step_timeout must be > 0".into());
         }
         if lc.reserve_memory && (self.runtime != RuntimeKind::Docker || !self.ecs.join) {
             problems.push("lifecycle.reserve_memory is for the docker runtime on an ECS node (ecs.join = true): ECS already accounts for ECS tasks".into());

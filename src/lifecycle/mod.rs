@@ -1,5 +1,7 @@
-//! Lifecycle: owns the node's standing in its cluster beyond running its tasks — for now the
-//! readiness gate ([`ready`]): application tasks must not land on the node before its
-//! foundational tasks are healthy.
+//! Lifecycle: owns the node's standing in its cluster beyond running its tasks — the
+//! readiness gate ([`ready`]: application tasks must not land before the foundational tasks
+//! are healthy), the ordered drain ([`drain`]) and self-healing ([`heal`]).
 
+pub mod drain;
+pub mod heal;
 pub mod ready;

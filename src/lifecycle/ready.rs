@@ -25,11 +25,13 @@ pub struct ReadinessGate {
 }
 
 impl ReadinessGate {
-    /// Follows the tasks' states until their channel closes; `present` reports whether the
+    /// Follows the tasks' states until their channel closes, or until `withdrawn` turns true
+    /// (a drain): then the attribute is removed for good. `present` reports whether the
     /// attribute is known to be set (`None` until the first call succeeded).
     pub async fn run(
         self,
         mut tasks: watch::Receiver<Vec<TaskStatus>>,
+        mut withdrawn: watch::Receiver<bool>,
         present: watch::Sender<Option<bool>>,
     ) {
         let mut degraded_since = Some(Instant::now());
@@ -44,7 +46,13 @@ impl ReadinessGate {
                 degraded_since = Some(now);
             }
             let grace_over = degraded_since.is_some_and(|t| now >= t + self.grace);
-            let want = if healthy {
+            let withdraw = *withdrawn.borrow();
+            if withdraw && *present.borrow() == Some(false) {
+                return;
+            }
+            let want = if withdraw {
+                Some(false)
+            } else if healthy {
                 Some(true)
             } else if grace_over {
                 Some(false)
@@ -73,6 +81,7 @@ impl ReadinessGate {
             let wake = [grace_end, retry_at].into_iter().flatten().min();
             tokio::select! {
                 changed = tasks.changed() => if changed.is_err() { return },
+                _ = withdrawn.changed() => {}
                 _ = sleep_until(wake) => {}
             }
         }
@@ -114,6 +123,16 @@ mod tests {
 
     #[async_trait]
     impl ContainerInstance for Recorder {
+        async fn set_draining(&self, _: &str, ci: &str) -> anyhow::Result<()> {
+            self.call(format!("draining {ci}"))
+        }
+        async fn tasks_not_stopped(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> anyhow::Result<Vec<crate::ecs::EcsTask>> {
+            Ok(Vec::new())
+        }
         async fn put_attribute(
             &self,
             _: &str,
@@ -185,7 +204,8 @@ mod tests {
             attribute: "nodeagent.ready".into(),
             grace: Duration::from_secs(60),
         };
-        let run = tokio::spawn(gate.run(rx, present));
+        let (withdraw, withdrawn) = watch::channel(false);
+        let run = tokio::spawn(gate.run(rx, withdrawn, present));
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert!(api.calls().is_empty(), "not every task is healthy yet");
 
@@ -213,7 +233,12 @@ mod tests {
         tx.send_replace(tasks(&[State::Healthy, State::Healthy]));
         settle().await;
         assert_eq!(api.calls()[2], "put arn:ci nodeagent.ready=true");
-        drop(tx);
+
+        // A drain withdraws it for good, healthy or not.
+        withdraw.send_replace(true);
         run.await.unwrap();
+        assert_eq!(api.calls()[3], "delete arn:ci nodeagent.ready");
+        assert_eq!(*seen.borrow(), Some(false));
+        drop(tx);
     }
 }

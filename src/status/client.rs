@@ -28,28 +28,63 @@ pub enum FetchError {
 /// Fetches `GET /v1/status` from the agent listening on `socket`.
 pub async fn fetch(socket: &Path) -> Result<NodeStatus, FetchError> {
     let shown = socket.display();
-    let stream = match UnixStream::connect(socket).await {
-        Ok(stream) => stream,
-        Err(e) => {
-            return Err(match e.kind() {
-                std::io::ErrorKind::NotFound => FetchError::NotRunning(format!(
-                    "{shown}: no socket (is nodeagent.service running?)"
-                )),
-                std::io::ErrorKind::ConnectionRefused => FetchError::NotRunning(format!(
-                    "{shown}: connection refused (a socket left by a stopped agent)"
-                )),
-                std::io::ErrorKind::PermissionDenied => FetchError::NoAnswer(format!(
-                    "{shown}: permission denied: run as root or as a member of group nodeagent"
-                )),
-                _ => FetchError::NoAnswer(format!("{shown}: {e}")),
-            })
-        }
-    };
+    let stream = connect(socket).await?;
     match tokio::time::timeout(TIMEOUT, exchange(stream)).await {
         Ok(Ok(status)) => Ok(status),
         Ok(Err(e)) => Err(FetchError::NoAnswer(format!("{shown}: {e:#}"))),
         Err(_) => Err(FetchError::NoAnswer(format!(
             "{shown}: no answer within {TIMEOUT:?} (the agent is stuck: see journalctl -u nodeagent)"
+        ))),
+    }
+}
+
+async fn connect(socket: &Path) -> Result<UnixStream, FetchError> {
+    let shown = socket.display();
+    match UnixStream::connect(socket).await {
+        Ok(stream) => Ok(stream),
+        Err(e) => Err(match e.kind() {
+            std::io::ErrorKind::NotFound => FetchError::NotRunning(format!(
+                "{shown}: no socket (is nodeagent.service running?)"
+            )),
+            std::io::ErrorKind::ConnectionRefused => FetchError::NotRunning(format!(
+                "{shown}: connection refused (a socket left by a stopped agent)"
+            )),
+            std::io::ErrorKind::PermissionDenied => FetchError::NoAnswer(format!(
+                "{shown}: permission denied: run as root or as a member of group nodeagent"
+            )),
+            _ => FetchError::NoAnswer(format!("{shown}: {e}")),
+        }),
+    }
+}
+
+/// `POST /v1/drain` to the agent on `socket`; `tasks_timeout` overrides how long it waits for
+/// the application tasks.
+pub async fn request_drain(
+    socket: &Path,
+    tasks_timeout: Option<Duration>,
+) -> Result<(), FetchError> {
+    let shown = socket.display();
+    let stream = connect(socket).await?;
+    let path = match tasks_timeout {
+        Some(t) => format!("/v1/drain?tasks_timeout={}", t.as_secs_f64()),
+        None => "/v1/drain".into(),
+    };
+    let asked = async {
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = Request::post(path)
+            .header("host", "nodeagent")
+            .body(Empty::<Bytes>::new())?;
+        let code = sender.send_request(req).await?.status();
+        anyhow::ensure!(code.is_success(), "POST /v1/drain answered {code}");
+        Ok(())
+    };
+    match tokio::time::timeout(TIMEOUT, asked).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(FetchError::NoAnswer(format!("{shown}: {e:#}"))),
+        Err(_) => Err(FetchError::NoAnswer(format!(
+            "{shown}: no answer within {TIMEOUT:?}"
         ))),
     }
 }

@@ -14,6 +14,7 @@ pub mod server;
 use crate::aws::OpCount;
 use crate::boot::{BootReport, PhaseTime};
 use crate::facts::InstanceFacts;
+pub use crate::lifecycle::drain::DrainStatus;
 use crate::supervisor::{State, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -49,6 +50,8 @@ pub struct NodeStatus {
     pub container_instance_arn: Option<String>,
     /// The readiness attribute; `null` without one (no container instance, or none configured).
     pub readiness: Option<Readiness>,
+    /// The drain, once one began (`phase` is then `draining`, then `drained`).
+    pub drain: Option<DrainStatus>,
     pub consul: Consul,
     pub tasks: Vec<Task>,
     pub files: Vec<File>,
@@ -274,6 +277,19 @@ impl NodeStatus {
             "join" => format!("joining ECS cluster {}", self.cluster),
             "render" => "rendering config files".into(),
             "stopping" => "stopping; the tasks keep running".into(),
+            "draining" | "drained" => {
+                let d = self.drain.clone().unwrap_or_default();
+                let failed = d.steps.iter().filter(|s| !s.ok).count();
+                let mut line = if self.phase == "draining" {
+                    format!("draining ({}): {}", d.trigger, d.step)
+                } else {
+                    format!("drained ({}): the tasks are stopped", d.trigger)
+                };
+                if failed > 0 {
+                    let _ = write!(line, "; {failed} steps failed");
+                }
+                line
+            }
             "supervise" if self.tasks.is_empty() => "no tasks to supervise".into(),
             "supervise" => {
                 let healthy = self.tasks.iter().filter(|t| t.state == "healthy").count();
@@ -347,6 +363,22 @@ impl NodeStatus {
                 self.consul.servers.join(", "),
                 age(found, now)
             );
+        }
+        if let Some(d) = &self.drain {
+            let _ = writeln!(out, "drain      {} since {}", d.trigger, d.started_at);
+            for step in &d.steps {
+                let mark = if step.ok { "ok" } else { "FAILED" };
+                let _ = writeln!(
+                    out,
+                    "           {mark:<6} {} ({}): {}",
+                    step.step,
+                    human_ms(step.took_ms as f64),
+                    step.detail
+                );
+            }
+            if !d.done {
+                let _ = writeln!(out, "           ...    {}", d.step);
+            }
         }
         if !self.tasks.is_empty() {
             let rows: Vec<[String; 6]> = self

@@ -1,12 +1,13 @@
-//! The status API: owns serving [`NodeStatus`] over HTTP/1.1 (hyper) — `GET /v1/status` (JSON)
-//! and `GET /metrics` (Prometheus text) — on the agent's Unix socket, and `GET /metrics` alone
-//! on the optional TCP metrics address.
+//! The status API: owns serving [`NodeStatus`] over HTTP/1.1 (hyper) — `GET /v1/status` (JSON),
+//! `GET /metrics` (Prometheus text) and `POST /v1/drain` — on the agent's Unix socket, and
+//! `GET /metrics` alone on the optional TCP metrics address.
 //!
 //! The socket is created mode 0660 (owner root, group `nodeagent` when that group exists), in
 //! a directory created 0750 (same group) if missing. A lock beside it makes it one agent's: a
 //! socket left by a dead agent is replaced; a second agent is refused.
 
 use super::{metrics, NodeStatus};
+use crate::lifecycle::drain::DrainRequest;
 use anyhow::{bail, Context as _};
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -18,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 /// A client gets this long to send its request headers.
@@ -104,11 +106,20 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<(UnixListene
     Ok((listener, guard))
 }
 
-/// Serves `/v1/status` and `/metrics` on the Unix socket until the task is dropped.
-pub async fn serve_unix(listener: UnixListener, snapshot: Snapshot) {
+/// Serves `GET /v1/status`, `GET /metrics` and `POST /v1/drain` (handed to `drains`) on the
+/// Unix socket until the task is dropped.
+pub async fn serve_unix(
+    listener: UnixListener,
+    snapshot: Snapshot,
+    drains: mpsc::Sender<DrainRequest>,
+) {
+    let api = Arc::new(Api {
+        snapshot,
+        drains: Some(drains),
+    });
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => connection(TokioIo::new(stream), snapshot.clone(), true),
+            Ok((stream, _)) => connection(TokioIo::new(stream), api.clone()),
             Err(e) => {
                 debug!(error = %e, "status socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -126,10 +137,15 @@ pub async fn bind_metrics(addr: &str) -> anyhow::Result<TcpListener> {
     Ok(listener)
 }
 
+/// Serves `GET /metrics` alone.
 pub async fn serve_metrics(listener: TcpListener, snapshot: Snapshot) {
+    let api = Arc::new(Api {
+        snapshot,
+        drains: None,
+    });
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => connection(TokioIo::new(stream), snapshot.clone(), false),
+            Ok((stream, _)) => connection(TokioIo::new(stream), api.clone()),
             Err(e) => {
                 debug!(error = %e, "metrics accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -138,14 +154,20 @@ pub async fn serve_metrics(listener: TcpListener, snapshot: Snapshot) {
     }
 }
 
-fn connection<IO>(io: IO, snapshot: Snapshot, with_status: bool)
+/// What a listener serves: the status (and, on the socket, the drain).
+struct Api {
+    snapshot: Snapshot,
+    drains: Option<mpsc::Sender<DrainRequest>>,
+}
+
+fn connection<IO>(io: IO, api: Arc<Api>)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let snapshot = snapshot.clone();
-            async move { Ok::<_, Infallible>(answer(&req, &snapshot, with_status)) }
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(answer(&req, &api)) }
         });
         let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -158,11 +180,7 @@ where
     });
 }
 
-fn answer(
-    req: &Request<Incoming>,
-    snapshot: &Snapshot,
-    with_status: bool,
-) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, api: &Api) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, ctype: &str, body: String| {
         Response::builder()
             .status(status)
@@ -171,22 +189,45 @@ fn answer(
             .expect("static response parts")
     };
     let path = req.uri().path();
-    let known = path == "/metrics" || (with_status && path == "/v1/status");
-    if !known {
-        return reply(
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            format!("no {path} here\n"),
-        );
-    }
-    if req.method() != Method::GET {
+    let on_socket = api.drains.is_some();
+    let method = match path {
+        "/metrics" => Method::GET,
+        "/v1/status" if on_socket => Method::GET,
+        "/v1/drain" if on_socket => Method::POST,
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                "text/plain",
+                format!("no {path} here\n"),
+            )
+        }
+    };
+    if req.method() != method {
         return reply(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
-            "GET only\n".into(),
+            format!("{method} only\n"),
         );
     }
-    let status = snapshot();
+    if let (Some(drains), "/v1/drain") = (&api.drains, path) {
+        let tasks_timeout = req
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("tasks_timeout="))
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(Duration::from_secs_f64);
+        // A full queue: a drain is already asked for.
+        let _ = drains.try_send(DrainRequest { tasks_timeout });
+        return reply(
+            StatusCode::ACCEPTED,
+            "application/json",
+            "{\"draining\": true}\n".into(),
+        );
+    }
+    let status = (api.snapshot)();
     if path == "/metrics" {
         return reply(
             StatusCode::OK,

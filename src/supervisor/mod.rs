@@ -141,12 +141,36 @@ struct Slot {
     busy: bool,
     probing: bool,
     adopted: bool,
+    /// Stopped on request (a drain) and kept stopped.
+    held: bool,
+    /// Who waits for the held task to be stopped.
+    held_waiters: Vec<oneshot::Sender<anyhow::Result<()>>>,
 }
 
 enum Job {
     Started(usize, anyhow::Result<Instance>),
     Probed(usize, String, Duration, Result<(), String>),
     Stopped(usize, String),
+    /// A held task's instance was stopped.
+    Held(usize, anyhow::Result<()>),
+}
+
+/// Asks the loop to stop a task and keep it stopped (a drain stops the tasks one by one, in
+/// reverse start order, around Consul's leave).
+#[derive(Clone)]
+pub struct Control(mpsc::Sender<(String, oneshot::Sender<anyhow::Result<()>>)>);
+
+impl Control {
+    /// Stops `task` and keeps it stopped; returns once it is.
+    pub async fn hold(&self, task: &str) -> anyhow::Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.0
+            .send((task.to_string(), tx))
+            .await
+            .map_err(|_| anyhow::anyhow!("the supervision loop has ended"))?;
+        rx.await
+            .map_err(|_| anyhow::anyhow!("the supervision loop has ended"))?
+    }
 }
 
 pub struct Supervisor {
@@ -163,6 +187,8 @@ pub struct Supervisor {
     /// Liveness questions ([`Liveness`]), answered by the loop itself.
     pings: mpsc::Receiver<oneshot::Sender<()>>,
     ping_sender: mpsc::Sender<oneshot::Sender<()>>,
+    holds: mpsc::Receiver<(String, oneshot::Sender<anyhow::Result<()>>)>,
+    hold_sender: mpsc::Sender<(String, oneshot::Sender<anyhow::Result<()>>)>,
 }
 
 /// Asks the supervision loop whether it is turning: the loop answers between two of its steps,
@@ -203,10 +229,13 @@ impl Supervisor {
                 busy: false,
                 probing: false,
                 adopted: false,
+                held: false,
+                held_waiters: Vec::new(),
             })
             .collect();
         let (status, _) = watch::channel(Vec::new());
         let (ping_sender, pings) = mpsc::channel(1);
+        let (hold_sender, holds) = mpsc::channel(8);
         let supervisor = Supervisor {
             runtime,
             policy,
@@ -218,9 +247,16 @@ impl Supervisor {
             until: Until::Shutdown,
             pings,
             ping_sender,
+            holds,
+            hold_sender,
         };
         supervisor.publish(); // every task `starting`, before anything ran
         supervisor
+    }
+
+    /// A handle to stop tasks for good (a drain).
+    pub fn control(&self) -> Control {
+        Control(self.hold_sender.clone())
     }
 
     /// A handle to ask whether the loop is turning.
@@ -276,6 +312,7 @@ impl Supervisor {
                 Some(reply) = self.pings.recv() => {
                     let _ = reply.send(());
                 }
+                Some((task, done)) = self.holds.recv() => self.hold(&task, done, &mut jobs),
                 event = next_event(&mut events) => match event {
                     Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {
@@ -384,6 +421,34 @@ impl Supervisor {
 
     fn on_job(&mut self, job: Job, jobs: &mut JoinSet<Job>) {
         match job {
+            Job::Started(i, Ok(instance)) if self.slots[i].held => {
+                // Held while it was starting: what started goes at once.
+                self.slots[i].busy = false;
+                let runtime = self.runtime.clone();
+                jobs.spawn(async move { Job::Held(i, runtime.stop(&instance).await) });
+            }
+            Job::Started(i, Err(_)) if self.slots[i].held => {
+                self.slots[i].busy = false;
+                for w in self.slots[i].held_waiters.drain(..) {
+                    let _ = w.send(Ok(()));
+                }
+            }
+            Job::Held(i, result) => {
+                let slot = &mut self.slots[i];
+                match &result {
+                    Ok(()) => info!(task = %slot.spec.name, "stopped and held"),
+                    Err(e) => {
+                        warn!(task = %slot.spec.name, error = %format!("{e:#}"), "could not stop the held task")
+                    }
+                }
+                let error = result.err().map(|e| format!("{e:#}"));
+                for w in slot.held_waiters.drain(..) {
+                    let _ = w.send(match &error {
+                        None => Ok(()),
+                        Some(e) => Err(anyhow::anyhow!("{e}")),
+                    });
+                }
+            }
             Job::Started(i, Ok(instance)) => {
                 let slot = &mut self.slots[i];
                 slot.busy = false;
@@ -467,6 +532,47 @@ impl Supervisor {
                             jobs,
                         );
                     }
+                }
+            }
+        }
+    }
+
+    /// Stops `task` (if it runs) and keeps it stopped; `done` hears when it is.
+    fn hold(
+        &mut self,
+        task: &str,
+        done: oneshot::Sender<anyhow::Result<()>>,
+        jobs: &mut JoinSet<Job>,
+    ) {
+        let Some(i) = self.slots.iter().position(|s| s.spec.name == task) else {
+            let _ = done.send(Err(anyhow::anyhow!("no task {task} is supervised")));
+            return;
+        };
+        let slot = &mut self.slots[i];
+        slot.held = true;
+        slot.next_start = None;
+        slot.next_probe = None;
+        slot.healthy_since = None;
+        set_state(slot, State::Stopped);
+        slot.held_waiters.push(done);
+        if let Some(dead) = slot.dead.take() {
+            let runtime = self.runtime.clone();
+            jobs.spawn(async move {
+                let _ = runtime.stop(&dead).await;
+                Job::Stopped(i, dead.id)
+            });
+        }
+        match slot.instance.take() {
+            Some(instance) => {
+                info!(task = %task, id = %instance.id, "stopping, and holding it stopped");
+                let runtime = self.runtime.clone();
+                jobs.spawn(async move { Job::Held(i, runtime.stop(&instance).await) });
+            }
+            // A start in flight is stopped when it lands (`on_job`).
+            None if slot.busy => {}
+            None => {
+                for w in slot.held_waiters.drain(..) {
+                    let _ = w.send(Ok(()));
                 }
             }
         }
@@ -634,7 +740,7 @@ impl Supervisor {
                 if is_current || slot.dead.as_ref().is_some_and(|d| d.id == inst.id) {
                     continue;
                 }
-                if inst.running && slot.instance.is_none() && slot.dead.is_none() {
+                if inst.running && slot.instance.is_none() && slot.dead.is_none() && !slot.held {
                     info!(task = %name, id = %inst.id, "adopted running instance");
                     self.adopt(i, inst);
                     self.slots[i].adopted = true;

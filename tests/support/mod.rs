@@ -21,6 +21,7 @@ pub struct WorldInfo {
     pub imds_url: String,
     pub agent_url: String,
     pub control_url: String,
+    pub consul_url: String,
     pub region: String,
     pub cluster: String,
     pub instance_id: String,

@@ -88,6 +88,7 @@ class Stats:
     def reset(self):
         with self.lock:
             self.aws_total, self.aws_by_op, self.aws_seconds = 0, {}, 0.0
+            self.aws_sequence = []
             self.imds_requests = self.token_requests = self.unauthorized = 0
             self.metadata_requests = 0
 
@@ -95,8 +96,9 @@ class Stats:
         with self.lock:
             setattr(self, name, getattr(self, name) + 1)
 
-    def aws(self, op, seconds):
+    def aws(self, op, seconds, at, params):
         with self.lock:
+            self.aws_sequence.append({"op": op, "at": at, "params": params})
             self.aws_total += 1
             self.aws_by_op[op] = self.aws_by_op.get(op, 0) + 1
             self.aws_seconds += seconds
@@ -115,7 +117,7 @@ class Stats:
         with self.lock:
             return {
                 "aws": {"total": self.aws_total, "by_operation": dict(self.aws_by_op),
-                        "seconds": round(self.aws_seconds, 6)},
+                        "seconds": round(self.aws_seconds, 6), "sequence": list(self.aws_sequence)},
                 "imds": {"requests": self.imds_requests, "token_requests": self.token_requests,
                          "unauthorized": self.unauthorized},
                 "agent": {"ready_at": self.ready_at, "first_ok_at": self.first_ok_at,
@@ -143,7 +145,7 @@ class AwsRecorder:
             body = b""
         environ["wsgi.input"] = io.BytesIO(body)
         environ["CONTENT_LENGTH"] = str(len(body))
-        op, started = self.operation(environ, body), time.perf_counter()
+        (op, params), started, at = self.operation(environ, body), time.perf_counter(), time.time()
         try:
             if op.startswith("ecs:"):
                 return self.typed_ecs_response(environ, start_response)
@@ -155,7 +157,7 @@ class AwsRecorder:
             return [f"moto raised {e!r}".encode()]
         finally:
             if INTERNAL_UA not in environ.get("HTTP_USER_AGENT", ""):
-                self.stats.aws(op, time.perf_counter() - started)
+                self.stats.aws(op, time.perf_counter() - started, at, params)
 
     def typed_ecs_response(self, environ, start_response):
         """moto 5.2 writes a task container's `cpu` and `memory` as JSON numbers; the ECS API
@@ -188,12 +190,17 @@ class AwsRecorder:
         if target:  # JSON protocol (ECS): X-Amz-Target: AmazonEC2ContainerServiceV20141113.StartTask
             prefix, _, action = target.rpartition(".")
             service = service or self.TARGET_PREFIXES.get(prefix, prefix.lower())
-        else:  # query protocol (EC2): Action=DescribeInstances in the form body or query string
-            params = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
+            try:
+                params = json.loads(body or b"{}")
+            except ValueError:
+                params = {}
+        else:  # query protocol (EC2, Auto Scaling): Action=… in the form body or query string
+            query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
             if "x-www-form-urlencoded" in environ.get("CONTENT_TYPE", ""):
-                params.update(urllib.parse.parse_qs(body.decode("utf-8", "replace")))
-            action = params.get("Action", ["?"])[0]
-        return f"{service or '?'}:{action}"
+                query.update(urllib.parse.parse_qs(body.decode("utf-8", "replace")))
+            action = query.get("Action", ["?"])[0]
+            params = {k: v[0] for k, v in query.items()}
+        return f"{service or '?'}:{action}", params
 
 
 def start_moto(stats):
@@ -249,7 +256,24 @@ def populate(args, moto_url):
     stopped = run([args.server_tag], args.stopped_servers)
     if stopped:
         ec2.stop_instances(InstanceIds=[i["InstanceId"] for i in stopped])
-    node_id = run(args.node_tag or [parse_tag("Name=l5d-demo-ecs")], 1)[0]["InstanceId"]
+    node_tags = args.node_tag or [parse_tag("Name=l5d-demo-ecs")]
+    if args.asg:
+        # The node is the one instance of an autoscaling group (with, optionally, a
+        # terminating lifecycle hook), as on a real ECS cluster.
+        asg = aws_client("autoscaling", moto_url)
+        asg.create_launch_configuration(LaunchConfigurationName=f"{args.asg}-lc", ImageId=image_id,
+                                        InstanceType="t3.medium")
+        asg.create_auto_scaling_group(AutoScalingGroupName=args.asg, LaunchConfigurationName=f"{args.asg}-lc",
+                                      MinSize=1, MaxSize=1, DesiredCapacity=1,
+                                      AvailabilityZones=[f"{REGION}a"])
+        node_id = asg.describe_auto_scaling_groups(AutoScalingGroupNames=[args.asg])[
+            "AutoScalingGroups"][0]["Instances"][0]["InstanceId"]
+        ec2.create_tags(Resources=[node_id], Tags=node_tags)
+        if args.lifecycle_hook:
+            asg.put_lifecycle_hook(LifecycleHookName=args.lifecycle_hook, AutoScalingGroupName=args.asg,
+                                   LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING")
+    else:
+        node_id = run(node_tags, 1)[0]["InstanceId"]
     node = ec2.describe_instances(InstanceIds=[node_id])["Reservations"][0]["Instances"][0]
     return node, [i["PrivateIpAddress"] for i in servers], [i["PrivateIpAddress"] for i in stopped]
 
@@ -336,6 +360,17 @@ class Imds:
         self.tokens = {}  # token -> monotonic expiry
         self.mode, self.delay_ms = "ok", 0
 
+    def set_items(self, items):
+        """Sets (a string) or removes (null) meta-data items, e.g. a spot interruption notice."""
+        with self.lock:
+            for key, value in items.items():
+                key = key.strip("/")
+                if value is None:
+                    self.items.pop(key, None)
+                else:
+                    self.items[key] = str(value)
+            return {"items": sorted(self.items)}
+
     def configure(self, mode=None, delay_ms=None):
         with self.lock:
             if mode is not None:
@@ -398,7 +433,8 @@ class Imds:
 
         body = None
         if path == "/latest/meta-data" or path.startswith("/latest/meta-data/"):
-            body = self.lookup(path[len("/latest/meta-data"):].lstrip("/"))
+            with self.lock:
+                body = self.lookup(path[len("/latest/meta-data"):].lstrip("/"))
         elif path == "/latest/dynamic/instance-identity/document":
             body = json.dumps(self.identity, indent=2)
         elif path == "/latest/user-data" and self.user_data and Path(self.user_data).is_file():
@@ -564,11 +600,54 @@ class Agent:
             h.reply(404, "404 page not found\n")
 
 
+# ---------------------------------------------------------------- Consul agent HTTP API fixture
+
+class Consul:
+    """The local Consul agent's HTTP API, the endpoints nodeagent uses
+    (https://developer.hashicorp.com/consul/api-docs/agent): PUT /v1/agent/maintenance
+    (?enable=true|false&reason=...), PUT /v1/agent/leave, and GET /v1/status/leader. Every call
+    is recorded with its time (epoch seconds) for the control API's GET /consul."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.calls = []
+        self.maintenance = False
+        self.left = False
+
+    def snapshot(self):
+        with self.lock:
+            return {"calls": list(self.calls), "maintenance": self.maintenance, "left": self.left}
+
+    def handle(self, h):
+        h.read_body()
+        url = urllib.parse.urlsplit(h.path)
+        query = urllib.parse.parse_qs(url.query)
+        route = (h.command, url.path)
+        with self.lock:
+            if route == ("PUT", "/v1/agent/maintenance"):
+                enable = query.get("enable", [""])[0]
+                if enable not in ("true", "false"):
+                    return h.reply(400, "Missing value for enable")
+                self.maintenance = enable == "true"
+                self.calls.append({"call": "maintenance", "enable": self.maintenance,
+                                   "reason": query.get("reason", [""])[0], "at": time.time()})
+                return h.reply(200, "")
+            if route == ("PUT", "/v1/agent/leave"):
+                self.left = True
+                self.calls.append({"call": "leave", "at": time.time()})
+                return h.reply(200, "")
+            if route == ("GET", "/v1/status/leader"):
+                return h.reply_json(200, "" if self.left else "10.0.0.10:8300")
+        if url.path in ("/v1/agent/maintenance", "/v1/agent/leave"):
+            return h.reply(405, "method not allowed")
+        return h.reply(404, "404 page not found")
+
+
 # ---------------------------------------------------------------- control API
 
 class Control:
-    def __init__(self, imds, agent, stats):
-        self.imds, self.agent, self.stats = imds, agent, stats
+    def __init__(self, imds, agent, consul, stats):
+        self.imds, self.agent, self.consul, self.stats = imds, agent, consul, stats
 
     def handle(self, h):
         try:
@@ -584,6 +663,10 @@ class Control:
                 return h.reply_json(200, {"ok": True})
             if route == ("POST", "/imds"):
                 return h.reply_json(200, self.imds.configure(body.get("mode"), body.get("delay_ms")))
+            if route == ("POST", "/imds/items"):
+                return h.reply_json(200, self.imds.set_items(body))
+            if route == ("GET", "/consul"):
+                return h.reply_json(200, self.consul.snapshot())
             if route == ("POST", "/agent/restart"):
                 self.agent.restart(int(body.get("down_ms", 0)))
                 return h.reply_json(200, {"ok": True, "port": self.agent.port})
@@ -611,6 +694,8 @@ def parse_args(argv):
                    help="override/add a meta-data item, KEY relative to /latest/meta-data/")
     s.add_argument("--user-data", metavar="FILE")
     s.add_argument("--imds-tags", action="store_true", help="serve tags under meta-data/tags/instance/")
+    s.add_argument("--asg", metavar="NAME", help="the node is the instance of this autoscaling group")
+    s.add_argument("--lifecycle-hook", metavar="NAME", help="with --asg: a terminating lifecycle hook")
     s.add_argument("--no-populate", action="store_true")
     s.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return p.parse_args(argv)
@@ -644,7 +729,10 @@ def main(argv=None):
     imds_server = Server(imds)
     serve(imds_server)
     agent = Agent(args, moto_url, items.get("instance-id", "i-0000000000000000f"), stats)
-    control_server = Server(Control(imds, agent, stats))
+    consul = Consul()
+    consul_server = Server(consul)
+    serve(consul_server)
+    control_server = Server(Control(imds, agent, consul, stats))
     serve(control_server)
     stats.reset()
     serving.set()
@@ -653,6 +741,7 @@ def main(argv=None):
         "imds_url": f"http://127.0.0.1:{imds_server.server_port}",
         "agent_url": f"http://127.0.0.1:{agent.port}",
         "control_url": f"http://127.0.0.1:{control_server.server_port}",
+        "consul_url": f"http://127.0.0.1:{consul_server.server_port}",
         "region": REGION,
         "cluster": args.cluster,
         "instance_id": items.get("instance-id"),
@@ -667,7 +756,7 @@ def main(argv=None):
         pass
     log.info("shutting down")
     agent.close()
-    for server in (control_server, imds_server, moto_server):
+    for server in (control_server, consul_server, imds_server, moto_server):
         server.shutdown()
         server.server_close()
     return 0

@@ -1,0 +1,293 @@
+//! The drain: owns taking the node out of service in order, when the instance is going away
+//! (autoscaling scale-in, a spot interruption, a rebalance recommendation, system shutdown) or
+//! when asked (`nodeagent drain`). Each step is bounded and logged; a step that fails or times
+//! out is reported and the drain goes on — the instance is leaving either way:
+//!
+//! 1. withdraw the readiness attribute; set the container instance `DRAINING`;
+//! 2. put the node's Consul services in maintenance, so traffic moves away;
+//! 3. wait until the application tasks on this instance are `STOPPED` (or `tasks_timeout`);
+//! 4. stop the foundational tasks in reverse start order, `consul leave` (agent API) just
+//!    before the Consul agent's task stops;
+//! 5. after an autoscaling termination, `CompleteLifecycleAction` so the instance terminates
+//!    without waiting for the hook's timeout.
+
+use crate::asg::AutoScaling;
+use crate::consul::ConsulAgent;
+use crate::ecs::ContainerInstance;
+use crate::imds::Imds;
+use crate::retry::jitter;
+use crate::supervisor::Control;
+use serde::{Deserialize, Serialize};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// The application tasks are checked this often while the drain waits for them.
+const TASKS_POLL: Duration = Duration::from_secs(2);
+
+/// Why the node drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `nodeagent drain` (the unit's ExecStop at system shutdown, or by hand).
+    Requested,
+    /// The autoscaling group is terminating the instance (`target-lifecycle-state`).
+    Terminated,
+    /// A spot interruption notice.
+    SpotInterruption,
+    /// A rebalance recommendation (`lifecycle.drain_on_rebalance`).
+    Rebalance,
+}
+
+impl Trigger {
+    pub fn name(self) -> &'static str {
+        match self {
+            Trigger::Requested => "requested",
+            Trigger::Terminated => "autoscaling-terminated",
+            Trigger::SpotInterruption => "spot-interruption",
+            Trigger::Rebalance => "rebalance-recommendation",
+        }
+    }
+}
+
+/// `POST /v1/drain`: drain now; `tasks_timeout` overrides `lifecycle.drain_tasks_timeout`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainRequest {
+    pub tasks_timeout: Option<Duration>,
+}
+
+/// A drain as reported (status, `nodeagent drain`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    pub trigger: String,
+    /// RFC 3339.
+    pub started_at: String,
+    /// The step under way, or the last one.
+    pub step: String,
+    pub steps: Vec<StepResult>,
+    pub done: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub step: String,
+    pub ok: bool,
+    pub detail: String,
+    pub took_ms: u64,
+}
+
+/// The readiness gate's side of a drain: `withdraw` tells it to remove the attribute for good,
+/// `present` says when it has.
+pub struct Withdraw {
+    pub withdraw: watch::Sender<bool>,
+    pub present: watch::Receiver<Option<bool>>,
+}
+
+pub struct Drain {
+    pub cluster: String,
+    /// `None` on a node that did not join ECS (docker runtime only).
+    pub container_instance: Option<String>,
+    pub instance_id: String,
+    /// ECS `startedBy` of nodeagent's own tasks, which are not application tasks.
+    pub started_by: String,
+    pub ecs: Arc<dyn ContainerInstance>,
+    pub consul: Arc<dyn ConsulAgent>,
+    pub asg: Arc<dyn AutoScaling>,
+    pub control: Control,
+    pub readiness: Option<Withdraw>,
+    /// The tasks, in the order they are stopped (the reverse of their start order).
+    pub stop_order: Vec<String>,
+    /// The task running the Consul agent: `leave` is called just before it stops.
+    pub consul_task: Option<String>,
+    pub lifecycle_hook: Option<String>,
+    pub tasks_timeout: Duration,
+    pub step_timeout: Duration,
+}
+
+impl Drain {
+    /// Runs the whole sequence; `progress` follows it.
+    pub async fn run(&self, trigger: Trigger, progress: &watch::Sender<Option<DrainStatus>>) {
+        warn!(trigger = trigger.name(), "draining the node");
+        progress.send_replace(Some(DrainStatus {
+            trigger: trigger.name().into(),
+            started_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            ..DrainStatus::default()
+        }));
+        let bounded = self.step_timeout;
+
+        // 1. No new application tasks.
+        if let Some(w) = &self.readiness {
+            self.step(progress, "withdraw readiness attribute", bounded, async {
+                w.withdraw.send_replace(true);
+                let mut present = w.present.clone();
+                present.wait_for(|p| *p == Some(false)).await?;
+                Ok("removed".to_string())
+            })
+            .await;
+        }
+        if let Some(ci) = &self.container_instance {
+            self.step(progress, "container instance DRAINING", bounded, async {
+                self.ecs.set_draining(&self.cluster, ci).await?;
+                Ok(ci.clone())
+            })
+            .await;
+        }
+
+        // 2. Traffic moves away.
+        let reason = format!("nodeagent: draining ({})", trigger.name());
+        self.step(progress, "consul maintenance", bounded, async {
+            self.consul.maintenance(true, &reason).await?;
+            Ok("node in maintenance".to_string())
+        })
+        .await;
+
+        // 3. The application tasks go.
+        if let Some(ci) = &self.container_instance {
+            self.step(
+                progress,
+                "application tasks stopped",
+                self.tasks_timeout,
+                async {
+                    let mut last = usize::MAX;
+                    loop {
+                        let left: Vec<String> = self
+                            .ecs
+                            .tasks_not_stopped(&self.cluster, ci)
+                            .await?
+                            .into_iter()
+                            .filter(|t| t.started_by.as_deref() != Some(self.started_by.as_str()))
+                            .map(|t| format!("{} ({})", t.arn, t.last_status))
+                            .collect();
+                        if left.is_empty() {
+                            return Ok("none left".to_string());
+                        }
+                        if left.len() != last {
+                            info!(
+                                tasks = left.len(),
+                                "drain: waiting for application tasks to stop: {}",
+                                left.join(", ")
+                            );
+                            last = left.len();
+                        }
+                        tokio::time::sleep(jitter(TASKS_POLL)).await;
+                    }
+                },
+            )
+            .await;
+        }
+
+        // 4. The foundational tasks, in reverse start order, Consul's leave before its agent.
+        for task in &self.stop_order {
+            if self.consul_task.as_ref() == Some(task) {
+                self.step(progress, "consul leave", bounded, async {
+                    self.consul.leave().await?;
+                    Ok("left the cluster".to_string())
+                })
+                .await;
+            }
+            self.step(progress, &format!("stop {task}"), bounded, async {
+                self.control.hold(task).await?;
+                Ok("stopped".to_string())
+            })
+            .await;
+        }
+
+        // 5. Let the autoscaling group terminate the instance now.
+        if let (Trigger::Terminated, Some(hook)) = (trigger, &self.lifecycle_hook) {
+            self.step(progress, "complete lifecycle action", bounded, async {
+                let group = self.asg.group_of(&self.instance_id).await?.ok_or_else(|| {
+                    anyhow::anyhow!("{} is in no autoscaling group", self.instance_id)
+                })?;
+                self.asg
+                    .complete_lifecycle_action(&group, hook, &self.instance_id)
+                    .await?;
+                Ok(format!("{group}/{hook} CONTINUE"))
+            })
+            .await;
+        }
+        progress.send_modify(|p| {
+            if let Some(p) = p {
+                p.done = true;
+            }
+        });
+        warn!(
+            trigger = trigger.name(),
+            "drained: the node's tasks are stopped and stay stopped"
+        );
+    }
+
+    async fn step(
+        &self,
+        progress: &watch::Sender<Option<DrainStatus>>,
+        name: &str,
+        limit: Duration,
+        work: impl Future<Output = anyhow::Result<String>>,
+    ) {
+        progress.send_modify(|p| {
+            if let Some(p) = p {
+                p.step = name.to_string();
+            }
+        });
+        let started = Instant::now();
+        let (ok, detail) = match tokio::time::timeout(limit, work).await {
+            Ok(Ok(detail)) => {
+                info!(
+                    step = name,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "drain: {detail}"
+                );
+                (true, detail)
+            }
+            Ok(Err(e)) => {
+                let detail = format!("{e:#}");
+                warn!(step = name, error = %detail, "drain step failed; going on");
+                (false, detail)
+            }
+            Err(_) => {
+                let detail = format!("timed out after {limit:?}");
+                warn!(step = name, "drain step {detail}; going on");
+                (false, detail)
+            }
+        };
+        progress.send_modify(|p| {
+            if let Some(p) = p {
+                p.steps.push(StepResult {
+                    step: name.to_string(),
+                    ok,
+                    detail,
+                    took_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        });
+    }
+}
+
+/// Polls IMDS every `every` (jittered) for a reason to drain: the autoscaling group
+/// terminating the instance, a spot interruption notice, and (when `rebalance`) a rebalance
+/// recommendation. Returns the first one seen.
+pub async fn wait_for_trigger(imds: Arc<dyn Imds>, every: Duration, rebalance: bool) -> Trigger {
+    loop {
+        tokio::time::sleep(jitter(every)).await;
+        match imds.target_lifecycle_state().await {
+            Ok(Some(state)) if state.trim() == "Terminated" => return Trigger::Terminated,
+            Ok(_) => {}
+            Err(e) => debug!(error = %e, "cannot read the autoscaling lifecycle state"),
+        }
+        match imds.spot_instance_action().await {
+            Ok(Some(notice)) => {
+                warn!(notice = %notice.trim(), "spot interruption notice");
+                return Trigger::SpotInterruption;
+            }
+            Ok(None) => {}
+            Err(e) => debug!(error = %e, "cannot read the spot instance action"),
+        }
+        if rebalance {
+            match imds.rebalance_recommendation().await {
+                Ok(Some(_)) => return Trigger::Rebalance,
+                Ok(None) => {}
+                Err(e) => debug!(error = %e, "cannot read the rebalance recommendation"),
+            }
+        }
+    }
+}
