@@ -3,7 +3,7 @@
 //! else; `status`: 0 healthy, 1 degraded, 3 no agent). Everything below it is handed its
 //! collaborators explicitly.
 
-use crate::agent::HttpAgent;
+use crate::agent::{EcsAgent, HttpAgent};
 use crate::asg::SdkAutoScaling;
 use crate::aws::{self, AwsCalls};
 use crate::boot::{self, Node, PhaseTime, Progress};
@@ -14,6 +14,7 @@ use crate::ec2::{Ec2, SdkEc2};
 use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, RootedFs};
+use crate::image;
 use crate::imds::{AwsImds, Imds};
 use crate::lifecycle::drain::{wait_for_trigger, Drain, DrainRequest, Trigger, Withdraw};
 use crate::lifecycle::heal::SelfHeal;
@@ -62,6 +63,14 @@ enum Command {
     },
     /// Join the ECS cluster (write ecs.config) before ecs.service starts.
     Prepare {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Remove this instance's identity before an AMI is made of its disk (run last in the
+    /// Packer build): ECS agent state, task directories (Consul's data and node-id), rendered
+    /// files, nodeagent's state, nodeagent's keys in ecs.config. Refuses while the ECS agent or
+    /// containers run.
+    PrepareImage {
         #[command(flatten)]
         common: Common,
     },
@@ -180,9 +189,12 @@ async fn dispatch(command: Command, logging: &Logging) -> anyhow::Result<ExitCod
             let sdk = aws::sdk_config(&facts.region).await;
             let ec2 = SdkEc2::new(&sdk, calls);
             let settings = instance_layers(files, &imds, &ec2, &facts).await?.settings;
+            // Before ecs.service: a disk baked from another instance is cleaned first.
+            image::guard(&settings, &fs, &facts.instance_id)?;
             boot::prepare(&settings, &fs)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::PrepareImage { common } => prepare_image(&common).await,
         Command::Status {
             common,
             socket,
@@ -709,6 +721,54 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// `prepare-image`: refuses while anything that holds the identity runs, then removes it.
+async fn prepare_image(common: &Common) -> anyhow::Result<ExitCode> {
+    let settings = config::from_fragments(&file_layers(common)?)?;
+    let fs = RootedFs::new(&common.root);
+    if settings.ecs.join {
+        let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
+        if let Ok(m) = agent.metadata().await {
+            anyhow::bail!(
+                "the ECS agent answers at {} (cluster {}): stop it first (systemctl stop ecs), or its state is written again",
+                agent.url(),
+                m.cluster
+            );
+        }
+    }
+    let containers = match BollardDocker::connect().await {
+        Ok(docker) => docker.list(&[]).await,
+        Err(e) => Err(e),
+    };
+    match containers {
+        Err(e) => {
+            info!(error = %format!("{e:#}"), "no Docker engine answers: no container can run")
+        }
+        Ok(containers) => {
+            let running: Vec<String> = containers
+                .into_iter()
+                .filter(|c| c.running)
+                .map(|c| c.id.chars().take(12).collect())
+                .collect();
+            if !running.is_empty() {
+                anyhow::bail!(
+                "{} containers run ({}): stop them first (docker stop), the image must not start them again",
+                running.len(),
+                running.join(", ")
+            );
+            }
+        }
+    }
+    let removed = image::clean(&settings, &fs)?;
+    for path in &removed {
+        println!("removed {path}");
+    }
+    println!(
+        "instance identity removed ({} items): the disk is ready to be imaged",
+        removed.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The node's standing beside the supervision: the readiness gate, self-healing, and the
 /// drain (on a trigger seen in IMDS or a request on the socket); the board shows them.
 #[allow(clippy::too_many_arguments)]
@@ -873,6 +933,12 @@ async fn boot_node(
         .await?;
     logging.set_instance_id(&facts.instance_id);
     board.set_facts(&facts);
+    match image::baked_from(fs, &facts.instance_id)? {
+        Some(other) => {
+            warn!(baked_from = %other, "this disk carries the identity of instance {other}: run `nodeagent prepare` before ecs.service (nodeagent-prepare.service), which removes it")
+        }
+        None => image::record(fs, &facts.instance_id)?,
+    }
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, calls.clone());
     let settings = instance_layers(files, &imds, &ec2, &facts)

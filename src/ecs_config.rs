@@ -1,6 +1,6 @@
 //! ecs.config: owns how nodeagent edits the ECS agent's environment file.
 //!
-//! The file is rewritten whole: each managed key appears exactly once (in place of its first
+//! The file is rewritten whole (and, for an image, without nodeagent's keys): each managed key appears exactly once (in place of its first
 //! occurrence, duplicates dropped, missing keys appended), every other line — comments, keys
 //! someone else manages — is kept as it was. Merging the result again changes nothing.
 
@@ -25,6 +25,20 @@ pub fn merge(existing: &str, managed: &[(String, String)]) -> String {
         if !written.contains(key.as_str()) {
             lines.push(format!("{key}={value}"));
         }
+    }
+    let mut out = lines.join("\n");
+    out.push('\n');
+    out
+}
+
+/// The content of ecs.config without the lines of `keys` (every other line kept as it was).
+pub fn without(existing: &str, keys: &[String]) -> String {
+    let lines: Vec<&str> = existing
+        .lines()
+        .filter(|l| key_of(l).is_none_or(|k| !keys.iter().any(|m| m == k)))
+        .collect();
+    if lines.is_empty() {
+        return String::new();
     }
     let mut out = lines.join("\n");
     out.push('\n');

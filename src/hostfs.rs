@@ -26,6 +26,9 @@ pub trait HostFs: Send + Sync {
     fn create_dir_all(&self, path: &str, mode: u32) -> io::Result<()>;
     /// Names of the directory's entries, sorted; empty when it does not exist.
     fn list(&self, dir: &str) -> io::Result<Vec<String>>;
+    /// Removes the file, or the directory and everything in it; `false` when nothing was
+    /// there.
+    fn remove(&self, path: &str) -> io::Result<bool>;
 
     /// The id of group `name` in the host's /etc/group.
     fn group_id(&self, name: &str) -> io::Result<Option<u32>> {
@@ -113,6 +116,21 @@ impl HostFs for RootedFs {
             .mode(mode)
             .create(&real)
             .map_err(at(&real, "cannot create directory"))
+    }
+
+    fn remove(&self, path: &str) -> io::Result<bool> {
+        let real = self.resolve(path);
+        let meta = match fs::symlink_metadata(&real) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(at(&real, "cannot read")(e)),
+        };
+        if meta.is_dir() {
+            fs::remove_dir_all(&real).map_err(at(&real, "cannot remove"))?;
+        } else {
+            fs::remove_file(&real).map_err(at(&real, "cannot remove"))?;
+        }
+        Ok(true)
     }
 
     fn list(&self, dir: &str) -> io::Result<Vec<String>> {

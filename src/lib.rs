@@ -18,6 +18,7 @@ pub mod ecs;
 pub mod ecs_config;
 pub mod facts;
 pub mod hostfs;
+pub mod image;
 pub mod imds;
 pub mod lifecycle;
 pub mod logging;

@@ -1,0 +1,154 @@
+//! Image identity: owns what a disk must not carry from the instance it was built on into an
+//! AMI, and the first-boot guard for a disk that does.
+//!
+//! Instance identity is: the ECS agent's state (`/var/lib/ecs/data`: its container-instance
+//! registration), every task directory (`tasks.*.dirs`: the Consul agent's data dir with its
+//! `node-id`, …), every rendered file, nodeagent's own state (`/var/lib/nodeagent`), and
+//! nodeagent's keys in ecs.config (`ECS_CLUSTER`, …; other lines stay).
+//!
+//! nodeagent records the instance it runs on in `/var/lib/nodeagent/instance-id`. A disk whose
+//! record — or whose ECS agent state — names another instance was baked without
+//! `nodeagent prepare-image`: the prepare phase cleans it before ecs.service starts, so the ECS
+//! agent registers a new container instance instead of impersonating the old one.
+
+use crate::config::Settings;
+use crate::ecs_config;
+use crate::hostfs::HostFs;
+use anyhow::{anyhow, Context};
+use tracing::{info, warn};
+
+/// The ECS agent's state directory (checkpoint, boltdb).
+pub const ECS_DATA_DIR: &str = "/var/lib/ecs/data";
+/// nodeagent's state directory.
+pub const STATE_DIR: &str = "/var/lib/nodeagent";
+/// The instance this disk last ran on.
+pub const INSTANCE_RECORD: &str = "/var/lib/nodeagent/instance-id";
+
+/// Removes the instance identity; returns what was removed (host paths; `ecs.config: KEYS`).
+pub fn clean(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    // The ECS agent's state: its contents (the directory itself belongs to the package).
+    for name in fs.list(ECS_DATA_DIR)? {
+        let path = format!("{ECS_DATA_DIR}/{name}");
+        if fs.remove(&path)? {
+            removed.push(path);
+        }
+    }
+    let mut paths: Vec<String> = Vec::new();
+    for task in settings.enabled_tasks() {
+        let config = &settings.tasks[task.name];
+        paths.extend(config.dirs.iter().cloned());
+        paths.extend(config.files.keys().cloned());
+    }
+    paths.push(STATE_DIR.to_string());
+    paths.sort();
+    paths.dedup();
+    for path in paths {
+        if fs.remove(&path)? {
+            removed.push(path);
+        }
+    }
+    let config_path = &settings.ecs.config_path;
+    if let Some(bytes) = fs.read(config_path)? {
+        let text = String::from_utf8(bytes)
+            .map_err(|_| anyhow!("{config_path} is not UTF-8 text; fix or remove it"))?;
+        let keys: Vec<String> = settings
+            .ecs_config_lines()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        let cleaned = ecs_config::without(&text, &keys);
+        if cleaned != text {
+            fs.write_atomic(config_path, cleaned.as_bytes(), 0o644)?;
+            removed.push(format!("{config_path}: {}", keys.join(", ")));
+        }
+    }
+    Ok(removed)
+}
+
+/// Another instance this disk carries the identity of: its record, else an instance id in the
+/// ECS agent's state. `None` for a clean disk or this instance's own.
+pub fn baked_from(fs: &dyn HostFs, instance_id: &str) -> anyhow::Result<Option<String>> {
+    if let Some(bytes) = fs.read(INSTANCE_RECORD)? {
+        let recorded = String::from_utf8_lossy(&bytes).trim().to_string();
+        return Ok((!recorded.is_empty() && recorded != instance_id).then_some(recorded));
+    }
+    // No record (an older or foreign image): the ECS agent's state says whose it is. Both its
+    // JSON checkpoint and its boltdb store the id as JSON.
+    for name in fs.list(ECS_DATA_DIR)? {
+        let Some(bytes) = fs.read(&format!("{ECS_DATA_DIR}/{name}"))? else {
+            continue;
+        };
+        if let Some(other) = ec2_instance_id(&bytes).filter(|id| id != instance_id) {
+            return Ok(Some(other));
+        }
+    }
+    Ok(None)
+}
+
+/// The prepare phase's guard: cleans the identity of another instance, then records this one.
+pub fn guard(settings: &Settings, fs: &dyn HostFs, instance_id: &str) -> anyhow::Result<()> {
+    if let Some(other) = baked_from(fs, instance_id)? {
+        warn!(
+            baked_from = %other,
+            instance_id = %instance_id,
+            "this disk carries the identity of instance {other} (an AMI built without `nodeagent prepare-image`): removing it before the ECS agent starts"
+        );
+        for path in clean(settings, fs)? {
+            info!(path = %path, "removed");
+        }
+    }
+    record(fs, instance_id)
+}
+
+/// Records that this disk now runs as `instance_id`.
+pub fn record(fs: &dyn HostFs, instance_id: &str) -> anyhow::Result<()> {
+    fs.create_dir_all(STATE_DIR, 0o755)?;
+    fs.write_atomic(
+        INSTANCE_RECORD,
+        format!("{instance_id}\n").as_bytes(),
+        0o644,
+    )
+    .with_context(|| format!("recording the instance in {INSTANCE_RECORD}"))?;
+    Ok(())
+}
+
+/// The value of the first `"EC2InstanceID":"i-…"` in `bytes`.
+fn ec2_instance_id(bytes: &[u8]) -> Option<String> {
+    let needle = b"\"EC2InstanceID\":\"";
+    let start = bytes.windows(needle.len()).position(|w| w == needle)? + needle.len();
+    let rest = &bytes[start..];
+    let end = rest.iter().position(|b| *b == b'"')?;
+    let id = std::str::from_utf8(&rest[..end]).ok()?;
+    id.starts_with("i-").then(|| id.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hostfs::RootedFs;
+
+    #[test]
+    fn finds_the_instance_in_the_agent_state() {
+        let state =
+            br#"{"Data":{"Cluster":"c","EC2InstanceID":"i-0abc","ContainerInstanceArn":"x"}}"#;
+        assert_eq!(ec2_instance_id(state).as_deref(), Some("i-0abc"));
+        assert_eq!(ec2_instance_id(b"{}"), None);
+    }
+
+    #[test]
+    fn the_record_decides_and_a_clean_disk_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = RootedFs::new(dir.path());
+        assert_eq!(baked_from(&fs, "i-1").unwrap(), None);
+        fs.write_atomic(
+            "/var/lib/ecs/data/ecs_agent_data.json",
+            br#"{"Data":{"EC2InstanceID":"i-old"}}"#,
+            0o600,
+        )
+        .unwrap();
+        assert_eq!(baked_from(&fs, "i-1").unwrap().as_deref(), Some("i-old"));
+        fs.write_atomic(INSTANCE_RECORD, b"i-1\n", 0o644).unwrap();
+        assert_eq!(baked_from(&fs, "i-1").unwrap(), None, "the record wins");
+    }
+}
