@@ -291,3 +291,74 @@ pub async fn wait_for_trigger(imds: Arc<dyn Imds>, every: Duration, rebalance: b
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imds::ImdsError;
+    use async_trait::async_trait;
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    /// Meta-data items the test sets while the poller runs.
+    #[derive(Default)]
+    struct Items(Mutex<BTreeMap<String, String>>);
+
+    #[async_trait]
+    impl Imds for Items {
+        async fn get(&self, path: &str) -> Result<Option<String>, ImdsError> {
+            let item = path.trim_start_matches("/latest/meta-data/");
+            Ok(self.0.lock().unwrap().get(item).cloned())
+        }
+        fn endpoint(&self) -> &str {
+            "test"
+        }
+    }
+
+    impl Items {
+        fn set(&self, item: &str, value: &str) {
+            self.0.lock().unwrap().insert(item.into(), value.into());
+        }
+    }
+
+    async fn first_trigger(items: Arc<Items>, rebalance: bool) -> Option<Trigger> {
+        let poll = wait_for_trigger(items, Duration::from_secs(5), rebalance);
+        tokio::time::timeout(Duration::from_secs(60), poll)
+            .await
+            .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_notice_is_a_trigger_and_rebalance_only_when_asked() {
+        let items = Arc::new(Items::default());
+        items.set("autoscaling/target-lifecycle-state", "InService");
+        assert_eq!(
+            first_trigger(items.clone(), true).await,
+            None,
+            "in service: no drain"
+        );
+
+        items.set(
+            "events/recommendations/rebalance",
+            r#"{"noticeTime": "2026-11-23T18:00:00Z"}"#,
+        );
+        assert_eq!(first_trigger(items.clone(), false).await, None, "not asked");
+        assert_eq!(
+            first_trigger(items.clone(), true).await,
+            Some(Trigger::Rebalance)
+        );
+
+        items.set("spot/instance-action", r#"{"action": "terminate"}"#);
+        assert_eq!(
+            first_trigger(items.clone(), false).await,
+            Some(Trigger::SpotInterruption)
+        );
+
+        items.set("autoscaling/target-lifecycle-state", "Terminated");
+        assert_eq!(
+            first_trigger(items.clone(), false).await,
+            Some(Trigger::Terminated),
+            "the group's decision comes first"
+        );
+    }
+}
