@@ -548,3 +548,115 @@ async fn a_task_crash_looping_too_long_marks_the_instance_unhealthy_once() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn a_docker_node_drains_its_containers_in_order_around_consul_leave() {
+    let world = World::start(&[]);
+    let engine = support::docker::Engine::start();
+    let ports = support::agent::Ports {
+        consul: support::docker::free_port(),
+        linkerd: support::docker::free_port(),
+    };
+    let config = support::agent::docker_config(
+        &world,
+        &ports,
+        r#"["sleep", "100000"]"#,
+        &support::agent::consul_http(&ports),
+        &format!("[consul]\napi = \"{}\"", world.info.consul_url),
+    );
+    let mut agent = Agent::start(&world, &engine, &config, "agent");
+    let status = || {
+        Command::new(env!("CARGO_BIN_EXE_nodeagent"))
+            .args(["status", "--root"])
+            .arg(world.root.path())
+            .output()
+            .unwrap()
+            .status
+            .code()
+    };
+    eventually(Duration::from_secs(40), "a healthy node", async || {
+        status() == Some(0)
+    })
+    .await;
+    // The engine's own record of every container death, with its time.
+    let mut events = Command::new("docker")
+        .args([
+            "-H",
+            &engine.socket,
+            "events",
+            "--filter",
+            "event=die",
+            "--format",
+        ])
+        .arg("{{index .Actor.Attributes \"io.nodeagent.task\"}} {{.TimeNano}}")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
+        .args(["drain", "--root"])
+        .arg(world.root.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    for step in [
+        "consul maintenance",
+        "stop consul-registrator",
+        "stop linkerd",
+        "consul leave",
+        "stop consul-agent",
+    ] {
+        assert!(
+            stdout.contains(&format!("ok     {step} (")),
+            "{step}: {stdout}"
+        );
+    }
+    assert!(
+        !stdout.contains("DRAINING"),
+        "no container instance on this node: {stdout}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = events.kill();
+    let mut text = String::new();
+    use std::io::Read;
+    events
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    let _ = events.wait();
+    let deaths: Vec<(String, f64)> = text
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(t, ns)| (t.to_string(), ns.parse::<f64>().unwrap() / 1e9))
+        .collect();
+    let order: Vec<&str> = deaths.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(
+        order,
+        ["consul-registrator", "linkerd", "consul-agent"],
+        "{text}"
+    );
+    let consul = world
+        .control("GET", "/consul", serde_json::Value::Null)
+        .await;
+    let leave = consul["calls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["call"] == "leave")
+        .unwrap()["at"]
+        .as_f64()
+        .unwrap();
+    assert!(
+        deaths[1].1 < leave && leave < deaths[2].1,
+        "leave between linkerd's and consul's deaths: {deaths:?} {leave}"
+    );
+    // Held: nothing comes back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let running = engine.cli(&["ps", "-q"]);
+    assert!(running.is_empty(), "{running}");
+    assert!(agent.sigterm().success());
+}
