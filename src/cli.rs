@@ -102,6 +102,10 @@ enum Command {
         /// lifecycle.drain_tasks_timeout].
         #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
         timeout: Option<Duration>,
+        /// Only when the system is shutting down (the unit's ExecStop: a restart of nodeagent
+        /// keeps the tasks); otherwise exit 0 at once.
+        #[arg(long)]
+        if_shutting_down: bool,
     },
     /// Render every config file from given facts into a directory, for reviewing templates.
     Render {
@@ -206,7 +210,14 @@ async fn dispatch(command: Command, logging: &Logging) -> anyhow::Result<ExitCod
             common,
             socket,
             timeout,
-        } => Ok(drain(&common, socket, timeout).await),
+            if_shutting_down,
+        } => {
+            if if_shutting_down && !crate::systemd::system_stopping().await {
+                println!("the system is not shutting down: no drain (the tasks keep running)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Ok(drain(&common, socket, timeout).await)
+        }
         Command::Config {
             command: ConfigCommand::Check { common },
         } => check_config(&common),
@@ -447,8 +458,21 @@ async fn drain(common: &Common, socket: Option<PathBuf>, timeout: Option<Duratio
         eprintln!("nodeagent: {e}");
         return ExitCode::from(code(&e));
     }
+    // Bounded: every step is, and the wait for the application tasks.
+    let lc = file_layers(common)
+        .and_then(|f| config::from_fragments(&f))
+        .map(|s| s.lifecycle)
+        .unwrap_or_default();
+    let deadline = Instant::now()
+        + timeout.unwrap_or(lc.drain_tasks_timeout)
+        + lc.drain_step_timeout * 10
+        + Duration::from_secs(60);
     let mut shown = 0;
     loop {
+        if Instant::now() >= deadline {
+            eprintln!("nodeagent: the drain did not finish in time; see `nodeagent status` and journalctl -u nodeagent");
+            return ExitCode::from(1);
+        }
         let status = match client::fetch(&socket).await {
             Ok(status) => status,
             Err(e) => {
@@ -681,6 +705,15 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     let _lifecycle = if once {
         Vec::new()
     } else {
+        // A drain an earlier agent began goes on: nothing is started again.
+        let resume = fs.read(image::DRAIN_MARKER).ok().flatten().is_some();
+        if resume {
+            warn!(
+                marker = image::DRAIN_MARKER,
+                "this node was being drained: resuming the drain, starting nothing"
+            );
+            supervisor.suspend_all();
+        }
         start_lifecycle(
             &settings,
             &facts,
@@ -691,6 +724,8 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
             &supervisor,
             &board,
             drains,
+            fs.clone(),
+            resume,
         )
     };
     let _watchdog = AbortOnDrop(tokio::spawn(notify::watchdog(
@@ -782,6 +817,8 @@ fn start_lifecycle(
     supervisor: &Supervisor,
     board: &Board,
     mut drains: tokio::sync::mpsc::Receiver<DrainRequest>,
+    fs: RootedFs,
+    resume: bool,
 ) -> Vec<AbortOnDrop<()>> {
     use tokio::sync::watch;
     let lc = &settings.lifecycle;
@@ -792,7 +829,8 @@ fn start_lifecycle(
     let readiness = match &report.container_instance_arn {
         Some(ci) if !lc.ready_attribute.is_empty() => {
             let (present, mut seen) = watch::channel(None);
-            let (withdraw, withdrawn) = watch::channel(false);
+            // A resumed drain withdraws the attribute from the start.
+            let (withdraw, withdrawn) = watch::channel(resume);
             let attribute = lc.ready_attribute.clone();
             board.update(|s| {
                 s.readiness = Some(status::Readiness {
@@ -874,15 +912,26 @@ fn start_lifecycle(
     let (poll, rebalance) = (lc.trigger_poll, lc.drain_on_rebalance);
     let board = board.clone();
     running.push(AbortOnDrop(tokio::spawn(async move {
-        let trigger = tokio::select! {
-            t = wait_for_trigger(imds, poll, rebalance) => t,
-            Some(request) = drains.recv() => {
-                if let Some(t) = request.tasks_timeout {
-                    drain.tasks_timeout = t;
+        let trigger = if resume {
+            Trigger::Resumed
+        } else {
+            tokio::select! {
+                t = wait_for_trigger(imds.clone(), poll, rebalance) => t,
+                Some(request) = drains.recv() => {
+                    if let Some(t) = request.tasks_timeout {
+                        drain.tasks_timeout = t;
+                    }
+                    Trigger::Requested
                 }
-                Trigger::Requested
             }
         };
+        // The node stays drained, whatever happens to this agent.
+        if let Err(e) = fs
+            .create_dir_all(image::STATE_DIR, 0o755)
+            .and_then(|()| fs.write_atomic(image::DRAIN_MARKER, trigger.name().as_bytes(), 0o644))
+        {
+            warn!(error = %e, "cannot record the drain: a restarted agent would not resume it");
+        }
         let (progress, mut seen) = watch::channel(None);
         board.set_phase("draining");
         let follow = {
@@ -897,11 +946,14 @@ fn start_lifecycle(
         tokio::join!(
             async {
                 drain.run(trigger, &progress).await;
+                board.set_phase("drained");
+                if trigger != Trigger::Terminated {
+                    drain.complete_when_terminated(imds, poll, &progress).await;
+                }
                 drop(progress);
             },
             follow
         );
-        board.set_phase("drained");
         // Later requests find the drain done; the socket keeps answering.
         while drains.recv().await.is_some() {}
     })));
@@ -933,11 +985,12 @@ async fn boot_node(
         .await?;
     logging.set_instance_id(&facts.instance_id);
     board.set_facts(&facts);
-    match image::baked_from(fs, &facts.instance_id)? {
-        Some(other) => {
+    match image::baked_from(fs, &facts.instance_id) {
+        Ok(Some(other)) => {
             warn!(baked_from = %other, "this disk carries the identity of instance {other}: run `nodeagent prepare` before ecs.service (nodeagent-prepare.service), which removes it")
         }
-        None => image::record(fs, &facts.instance_id)?,
+        Ok(None) => image::record(fs, &facts.instance_id)?,
+        Err(e) => warn!(error = %format!("{e:#}"), "cannot tell whose identity this disk carries"),
     }
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, calls.clone());

@@ -23,6 +23,8 @@ pub const ECS_DATA_DIR: &str = "/var/lib/ecs/data";
 pub const STATE_DIR: &str = "/var/lib/nodeagent";
 /// The instance this disk last ran on.
 pub const INSTANCE_RECORD: &str = "/var/lib/nodeagent/instance-id";
+/// Written when a drain begins (its trigger): the node stays drained across agent restarts.
+pub const DRAIN_MARKER: &str = "/var/lib/nodeagent/drain";
 
 /// Removes the instance identity; returns what was removed (host paths; `ecs.config: KEYS`).
 pub fn clean(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Vec<String>> {
@@ -76,7 +78,9 @@ pub fn baked_from(fs: &dyn HostFs, instance_id: &str) -> anyhow::Result<Option<S
     // No record (an older or foreign image): the ECS agent's state says whose it is. Both its
     // JSON checkpoint and its boltdb store the id as JSON.
     for name in fs.list(ECS_DATA_DIR)? {
-        let Some(bytes) = fs.read(&format!("{ECS_DATA_DIR}/{name}"))? else {
+        // Files only (the agent keeps a `metadata/` directory there); an unreadable one is
+        // not evidence.
+        let Ok(Some(bytes)) = fs.read(&format!("{ECS_DATA_DIR}/{name}")) else {
             continue;
         };
         if let Some(other) = ec2_instance_id(&bytes).filter(|id| id != instance_id) {
@@ -113,14 +117,24 @@ pub fn record(fs: &dyn HostFs, instance_id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The value of the first `"EC2InstanceID":"i-…"` in `bytes`.
+/// The instance id the ECS agent's state names: `"EC2InstanceID":"i-…"` in its JSON
+/// checkpoint (`ecs_agent_data.json`), or the `ec2-instance-id` key followed by its JSON value
+/// `"i-…"` in its bolt store (`agent.db`).
 fn ec2_instance_id(bytes: &[u8]) -> Option<String> {
-    let needle = b"\"EC2InstanceID\":\"";
-    let start = bytes.windows(needle.len()).position(|w| w == needle)? + needle.len();
-    let rest = &bytes[start..];
+    let find = |needle: &[u8]| bytes.windows(needle.len()).position(|w| w == needle);
+    let after = if let Some(at) = find(b"\"EC2InstanceID\":") {
+        at + b"\"EC2InstanceID\":".len()
+    } else {
+        find(b"ec2-instance-id")? + b"ec2-instance-id".len()
+    };
+    // The value is the next JSON string starting "i-", close by.
+    let window = &bytes[after..bytes.len().min(after + 64)];
+    let start = window.windows(3).position(|w| w == b"\"i-")? + 1;
+    let rest = &window[start..];
     let end = rest.iter().position(|b| *b == b'"')?;
     let id = std::str::from_utf8(&rest[..end]).ok()?;
-    id.starts_with("i-").then(|| id.to_string())
+    let valid = id.len() > 2 && id[2..].chars().all(|c| c.is_ascii_hexdigit());
+    valid.then(|| id.to_string())
 }
 
 #[cfg(test)]
@@ -134,6 +148,11 @@ mod tests {
             br#"{"Data":{"Cluster":"c","EC2InstanceID":"i-0abc","ContainerInstanceArn":"x"}}"#;
         assert_eq!(ec2_instance_id(state).as_deref(), Some("i-0abc"));
         assert_eq!(ec2_instance_id(b"{}"), None);
+        let bolt = b"\x00\x02ec2-instance-id\x00\x13\"i-0123456789abcdef0\"\x00more";
+        assert_eq!(
+            ec2_instance_id(bolt).as_deref(),
+            Some("i-0123456789abcdef0")
+        );
     }
 
     #[test]
@@ -143,11 +162,18 @@ mod tests {
         assert_eq!(baked_from(&fs, "i-1").unwrap(), None);
         fs.write_atomic(
             "/var/lib/ecs/data/ecs_agent_data.json",
-            br#"{"Data":{"EC2InstanceID":"i-old"}}"#,
+            br#"{"Data":{"EC2InstanceID":"i-0a1d"}}"#,
             0o600,
         )
         .unwrap();
-        assert_eq!(baked_from(&fs, "i-1").unwrap().as_deref(), Some("i-old"));
+        assert_eq!(baked_from(&fs, "i-1").unwrap().as_deref(), Some("i-0a1d"));
+        fs.create_dir_all("/var/lib/ecs/data/metadata", 0o755)
+            .unwrap();
+        assert_eq!(
+            baked_from(&fs, "i-1").unwrap().as_deref(),
+            Some("i-0a1d"),
+            "a directory in the agent's state is no obstacle"
+        );
         fs.write_atomic(INSTANCE_RECORD, b"i-1\n", 0o644).unwrap();
         assert_eq!(baked_from(&fs, "i-1").unwrap(), None, "the record wins");
     }

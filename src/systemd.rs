@@ -1,6 +1,7 @@
 //! systemd boundary: owns talking to the service manager over the `sd_notify` protocol (the
 //! sd-notify crate): readiness, the status line, start-timeout extensions, watchdog pings and
-//! stopping. Without `NOTIFY_SOCKET` (not started by systemd) every notice is dropped.
+//! stopping; and whether the system is shutting down. Without `NOTIFY_SOCKET` (not started by
+//! systemd) every notice is dropped.
 
 use std::time::Duration;
 use tracing::debug;
@@ -25,6 +26,24 @@ pub trait ServiceManager: Send + Sync {
     fn notify(&self, notices: &[Notice]);
     /// How often to ping the watchdog (half of `WATCHDOG_USEC`), `None` without a watchdog.
     fn watchdog_every(&self) -> Option<Duration>;
+}
+
+/// Whether the system is shutting down (`systemctl is-system-running` says `stopping`): what
+/// tells a stop at shutdown (drain) from a restart (keep the tasks). Bounded at 5 s; no
+/// systemd, or no answer, is "no".
+pub async fn system_stopping() -> bool {
+    let asked = tokio::process::Command::new("systemctl")
+        .arg("is-system-running")
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(5), asked).await {
+        Ok(Ok(out)) => String::from_utf8_lossy(&out.stdout).trim() == "stopping",
+        Ok(Err(e)) => {
+            debug!(error = %e, "cannot run systemctl");
+            false
+        }
+        Err(_) => false,
+    }
 }
 
 /// The service manager that started this process, if any.

@@ -55,7 +55,7 @@ const KEPT: &[&str] = &[
 fn populated(config: &str) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     for path in IDENTITY {
-        write(root.path(), path, "{\"EC2InstanceID\":\"i-0baked\"}\n");
+        write(root.path(), path, "{\"EC2InstanceID\":\"i-0ba4ed0\"}\n");
     }
     for path in KEPT {
         write(root.path(), path, "kept\n");
@@ -167,7 +167,7 @@ fn first_boot_cleans_the_identity_of_the_instance_the_disk_was_baked_on() {
         write(
             world.root.path(),
             path,
-            "{\"EC2InstanceID\":\"i-0baked\"}\n",
+            "{\"EC2InstanceID\":\"i-0ba4ed0\"}\n",
         );
     }
     write(

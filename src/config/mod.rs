@@ -520,10 +520,8 @@ impl Settings {
                 }
             }
             for dir in &task.dirs {
-                if !dir.starts_with('/') {
-                    problems.push(format!(
-                        "tasks.{name}.dirs: {dir:?} must be an absolute path"
-                    ));
+                if let Err(why) = check_state_dir(dir) {
+                    problems.push(format!("tasks.{name}.dirs: {dir:?} {why}"));
                 }
             }
             if self.runtime == RuntimeKind::Docker {
@@ -534,8 +532,11 @@ impl Settings {
             }
             for (path, file) in &task.files {
                 let at = format!("tasks.{name}.files.{path:?}");
-                if !path.starts_with('/') || path.ends_with('/') {
-                    problems.push(format!("{at}: the key must be an absolute file path"));
+                let normal = !path.split('/').any(|p| p == "." || p == "..");
+                if !path.starts_with('/') || path.ends_with('/') || !normal {
+                    problems.push(format!(
+                        "{at}: the key must be an absolute file path (no `.` or `..`)"
+                    ));
                 }
                 if parse_mode(&file.mode).is_none() {
                     problems.push(format!(
@@ -570,6 +571,48 @@ impl Settings {
             Err(problems)
         }
     }
+}
+
+/// A task directory is the task's own state (`prepare-image` empties it): an absolute,
+/// normal path at least two levels deep, not a directory the system or another agent owns.
+fn check_state_dir(dir: &str) -> Result<(), String> {
+    if !dir.starts_with('/') {
+        return Err("must be an absolute path".into());
+    }
+    let parts: Vec<&str> = dir.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| *p == "." || *p == "..") {
+        return Err("must not contain `.` or `..`".into());
+    }
+    let owned = [
+        "var/lib",
+        "var/log",
+        "var/run",
+        "usr/lib",
+        "usr/local",
+        "usr/share",
+        "etc/ecs",
+        "etc/nodeagent",
+        "etc/systemd",
+        "var/lib/ecs",
+        "var/lib/docker",
+        "var/lib/nodeagent",
+        "run/nodeagent",
+    ];
+    let joined = parts.join("/");
+    if parts.len() < 2
+        || owned
+            .iter()
+            .any(|o| joined == *o || o.starts_with(&format!("{joined}/")))
+    {
+        return Err("is not a task's own directory (at least two levels deep, not one the system, ECS, Docker or nodeagent owns): `prepare-image` empties task directories".into());
+    }
+    if ["var/lib/ecs/", "var/lib/docker/", "var/lib/nodeagent/"]
+        .iter()
+        .any(|o| joined.starts_with(o) || format!("{joined}/").starts_with(o))
+    {
+        return Err("is inside a directory ECS, Docker or nodeagent owns".into());
+    }
+    Ok(())
 }
 
 fn check_container(task: &str, c: &Container) -> Vec<String> {
@@ -733,5 +776,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("an ECS attribute name is"), "{err}");
+    }
+
+    #[test]
+    fn task_dirs_are_the_tasks_own() {
+        for ok in ["/opt/consul/data", "/var/lib/consul", "/srv/linkerd"] {
+            assert_eq!(check_state_dir(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "/",
+            "/opt",
+            "/etc",
+            "/var/lib",
+            "/var/lib/ecs",
+            "/var/lib/ecs/data",
+            "/var/lib/docker/x",
+            "/opt/x/../..",
+            "relative/x",
+            "/usr/lib",
+        ] {
+            assert!(check_state_dir(bad).is_err(), "{bad}");
+        }
     }
 }

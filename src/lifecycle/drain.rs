@@ -38,6 +38,8 @@ pub enum Trigger {
     SpotInterruption,
     /// A rebalance recommendation (`lifecycle.drain_on_rebalance`).
     Rebalance,
+    /// A drain an earlier agent on this node began (it stopped, or was restarted, meanwhile).
+    Resumed,
 }
 
 impl Trigger {
@@ -47,6 +49,7 @@ impl Trigger {
             Trigger::Terminated => "autoscaling-terminated",
             Trigger::SpotInterruption => "spot-interruption",
             Trigger::Rebalance => "rebalance-recommendation",
+            Trigger::Resumed => "resumed",
         }
     }
 }
@@ -180,7 +183,9 @@ impl Drain {
         // 4. The foundational tasks, in reverse start order, Consul's leave before its agent.
         for task in &self.stop_order {
             if self.consul_task.as_ref() == Some(task) {
+                // The agent exits once it has left: it must not be restarted in between.
                 self.step(progress, "consul leave", bounded, async {
+                    self.control.suspend(task).await?;
                     self.consul.leave().await?;
                     Ok("left the cluster".to_string())
                 })
@@ -194,17 +199,8 @@ impl Drain {
         }
 
         // 5. Let the autoscaling group terminate the instance now.
-        if let (Trigger::Terminated, Some(hook)) = (trigger, &self.lifecycle_hook) {
-            self.step(progress, "complete lifecycle action", bounded, async {
-                let group = self.asg.group_of(&self.instance_id).await?.ok_or_else(|| {
-                    anyhow::anyhow!("{} is in no autoscaling group", self.instance_id)
-                })?;
-                self.asg
-                    .complete_lifecycle_action(&group, hook, &self.instance_id)
-                    .await?;
-                Ok(format!("{group}/{hook} CONTINUE"))
-            })
-            .await;
+        if trigger == Trigger::Terminated {
+            self.complete_lifecycle_action(progress).await;
         }
         progress.send_modify(|p| {
             if let Some(p) = p {
@@ -215,6 +211,50 @@ impl Drain {
             trigger = trigger.name(),
             "drained: the node's tasks are stopped and stay stopped"
         );
+    }
+
+    /// After a drain for another reason, the group may still scale the instance in: then its
+    /// lifecycle hook is completed at once (the tasks are already stopped).
+    pub async fn complete_when_terminated(
+        &self,
+        imds: Arc<dyn Imds>,
+        every: Duration,
+        progress: &watch::Sender<Option<DrainStatus>>,
+    ) {
+        if self.lifecycle_hook.is_none() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(jitter(every)).await;
+            if let Ok(Some(state)) = imds.target_lifecycle_state().await {
+                if state.trim() == "Terminated" {
+                    info!("the autoscaling group terminates the drained instance");
+                    self.complete_lifecycle_action(progress).await;
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn complete_lifecycle_action(&self, progress: &watch::Sender<Option<DrainStatus>>) {
+        let Some(hook) = &self.lifecycle_hook else {
+            return;
+        };
+        self.step(
+            progress,
+            "complete lifecycle action",
+            self.step_timeout,
+            async {
+                let group = self.asg.group_of(&self.instance_id).await?.ok_or_else(|| {
+                    anyhow::anyhow!("{} is in no autoscaling group", self.instance_id)
+                })?;
+                self.asg
+                    .complete_lifecycle_action(&group, hook, &self.instance_id)
+                    .await?;
+                Ok(format!("{group}/{hook} CONTINUE"))
+            },
+        )
+        .await;
     }
 
     async fn step(

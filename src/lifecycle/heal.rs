@@ -44,6 +44,19 @@ impl SelfHeal {
         };
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
         loop {
+            match self.asg.group_of(&self.instance_id).await {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    error!(task = %task, after = ?self.after, "the task has crash-looped too long, but {} is in no autoscaling group: replace it by hand", self.instance_id);
+                    return;
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot tell the instance's autoscaling group");
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
             match self.asg.set_unhealthy(&self.instance_id).await {
                 Ok(()) => {
                     error!(task = %task, after = ?self.after, "the task has crash-looped too long: marked this instance Unhealthy; its autoscaling group will replace it");

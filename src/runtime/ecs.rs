@@ -209,6 +209,27 @@ impl Runtime for EcsRuntime {
             .await
     }
 
+    async fn wait_stopped(&self, instance: &Instance, limit: Duration) -> anyhow::Result<()> {
+        let s = &self.state;
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let tasks = s
+                .ecs
+                .describe_tasks(&s.cluster, std::slice::from_ref(&instance.id))
+                .await?;
+            let status = tasks
+                .first()
+                .map_or("STOPPED".to_string(), |t| t.last_status.clone());
+            if status == "STOPPED" {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!("{} is still {status} {limit:?} after StopTask", instance.id);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
     async fn output_tail(&self, instance: &Instance, lines: usize) -> anyhow::Result<String> {
         let docker = self
             .docker

@@ -219,13 +219,19 @@ fn answer(req: &Request<Incoming>, api: &Api) -> Response<Full<Bytes>> {
             .and_then(|v| v.parse::<f64>().ok())
             .filter(|s| s.is_finite() && *s >= 0.0)
             .map(Duration::from_secs_f64);
-        // A full queue: a drain is already asked for.
-        let _ = drains.try_send(DrainRequest { tasks_timeout });
-        return reply(
-            StatusCode::ACCEPTED,
-            "application/json",
-            "{\"draining\": true}\n".into(),
-        );
+        return match drains.try_send(DrainRequest { tasks_timeout }) {
+            // Full: a drain is already asked for.
+            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => reply(
+                StatusCode::ACCEPTED,
+                "application/json",
+                "{\"draining\": true}\n".into(),
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "this agent cannot drain (bootstrap only, or its drain ended): see journalctl -u nodeagent\n".into(),
+            ),
+        };
     }
     let status = (api.snapshot)();
     if path == "/metrics" {

@@ -68,6 +68,11 @@ pub trait Runtime: Send + Sync {
     async fn stop(&self, instance: &Instance) -> anyhow::Result<()>;
     /// The last lines the instance wrote.
     async fn output_tail(&self, instance: &Instance, lines: usize) -> anyhow::Result<String>;
+    /// Waits (at most `limit`) until a stopped instance has really stopped — for a runtime
+    /// whose `stop` only asks (ECS `StopTask`).
+    async fn wait_stopped(&self, _instance: &Instance, _limit: Duration) -> anyhow::Result<()> {
+        Ok(())
+    }
     /// Events from now on; the stream ends or errs when the runtime goes away.
     async fn events(&self) -> anyhow::Result<BoxStream<'static, anyhow::Result<RuntimeEvent>>>;
 }
@@ -141,8 +146,11 @@ struct Slot {
     busy: bool,
     probing: bool,
     adopted: bool,
-    /// Stopped on request (a drain) and kept stopped.
+    /// Stopped on request (a drain) and kept stopped: running instances are not adopted.
     held: bool,
+    /// Never (re)started: set by a hold, a suspend, or `suspend_all`; running instances are
+    /// still adopted (so a drain can stop them in order).
+    suspended: bool,
     /// Who waits for the held task to be stopped.
     held_waiters: Vec<oneshot::Sender<anyhow::Result<()>>>,
 }
@@ -155,17 +163,31 @@ enum Job {
     Held(usize, anyhow::Result<()>),
 }
 
+/// A request to the loop: suspend (no restart from now on; the instance is left as it is) or
+/// hold (suspend, and stop the instance), answered when done.
+type HoldRequest = (String, bool, oneshot::Sender<anyhow::Result<()>>);
+
 /// Asks the loop to stop a task and keep it stopped (a drain stops the tasks one by one, in
 /// reverse start order, around Consul's leave).
 #[derive(Clone)]
-pub struct Control(mpsc::Sender<(String, oneshot::Sender<anyhow::Result<()>>)>);
+pub struct Control(mpsc::Sender<HoldRequest>);
 
 impl Control {
-    /// Stops `task` and keeps it stopped; returns once it is.
+    /// Stops `task` and keeps it stopped; returns once it has stopped.
     pub async fn hold(&self, task: &str) -> anyhow::Result<()> {
+        self.ask(task, true).await
+    }
+
+    /// Restarts `task` no more, whatever happens to it, and leaves it running (before asking
+    /// it to exit by itself, as Consul's leave does).
+    pub async fn suspend(&self, task: &str) -> anyhow::Result<()> {
+        self.ask(task, false).await
+    }
+
+    async fn ask(&self, task: &str, stop: bool) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel();
         self.0
-            .send((task.to_string(), tx))
+            .send((task.to_string(), stop, tx))
             .await
             .map_err(|_| anyhow::anyhow!("the supervision loop has ended"))?;
         rx.await
@@ -187,8 +209,8 @@ pub struct Supervisor {
     /// Liveness questions ([`Liveness`]), answered by the loop itself.
     pings: mpsc::Receiver<oneshot::Sender<()>>,
     ping_sender: mpsc::Sender<oneshot::Sender<()>>,
-    holds: mpsc::Receiver<(String, oneshot::Sender<anyhow::Result<()>>)>,
-    hold_sender: mpsc::Sender<(String, oneshot::Sender<anyhow::Result<()>>)>,
+    holds: mpsc::Receiver<HoldRequest>,
+    hold_sender: mpsc::Sender<HoldRequest>,
 }
 
 /// Asks the supervision loop whether it is turning: the loop answers between two of its steps,
@@ -230,6 +252,7 @@ impl Supervisor {
                 probing: false,
                 adopted: false,
                 held: false,
+                suspended: false,
                 held_waiters: Vec::new(),
             })
             .collect();
@@ -252,6 +275,15 @@ impl Supervisor {
         };
         supervisor.publish(); // every task `starting`, before anything ran
         supervisor
+    }
+
+    /// Starts nothing, restarts nothing: running instances are adopted and left as they are
+    /// (an agent resuming a drain its predecessor began).
+    pub fn suspend_all(&mut self) {
+        for slot in &mut self.slots {
+            slot.suspended = true;
+            slot.next_start = None;
+        }
     }
 
     /// A handle to stop tasks for good (a drain).
@@ -312,7 +344,7 @@ impl Supervisor {
                 Some(reply) = self.pings.recv() => {
                     let _ = reply.send(());
                 }
-                Some((task, done)) = self.holds.recv() => self.hold(&task, done, &mut jobs),
+                Some((task, stop, done)) = self.holds.recv() => self.hold(&task, stop, done, &mut jobs),
                 event = next_event(&mut events) => match event {
                     Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {
@@ -367,6 +399,7 @@ impl Supervisor {
             let deps_ready = slot.spec.depends_on.iter().all(|d| healthy.contains(d));
             if slot.instance.is_none()
                 && !slot.busy
+                && !slot.suspended
                 && slot.next_start.is_some_and(|t| t <= now)
                 && deps_ready
             {
@@ -541,6 +574,7 @@ impl Supervisor {
     fn hold(
         &mut self,
         task: &str,
+        stop: bool,
         done: oneshot::Sender<anyhow::Result<()>>,
         jobs: &mut JoinSet<Job>,
     ) {
@@ -548,9 +582,16 @@ impl Supervisor {
             let _ = done.send(Err(anyhow::anyhow!("no task {task} is supervised")));
             return;
         };
+        let grace = self.policy.stop_grace;
         let slot = &mut self.slots[i];
-        slot.held = true;
+        slot.suspended = true;
         slot.next_start = None;
+        if !stop {
+            info!(task = %task, "suspended: it will not be restarted");
+            let _ = done.send(Ok(()));
+            return;
+        }
+        slot.held = true;
         slot.next_probe = None;
         slot.healthy_since = None;
         set_state(slot, State::Stopped);
@@ -566,7 +607,15 @@ impl Supervisor {
             Some(instance) => {
                 info!(task = %task, id = %instance.id, "stopping, and holding it stopped");
                 let runtime = self.runtime.clone();
-                jobs.spawn(async move { Job::Held(i, runtime.stop(&instance).await) });
+                // ECS stops a task in its own time (its stop timeout, 30 s by default).
+                let limit = grace * 2 + Duration::from_secs(30);
+                jobs.spawn(async move {
+                    let stopped = match runtime.stop(&instance).await {
+                        Ok(()) => runtime.wait_stopped(&instance, limit).await,
+                        Err(e) => Err(e),
+                    };
+                    Job::Held(i, stopped)
+                });
             }
             // A start in flight is stopped when it lands (`on_job`).
             None if slot.busy => {}
@@ -612,6 +661,15 @@ impl Supervisor {
         let slot = &mut self.slots[i];
         let mut dead = slot.instance.take().expect("matched above");
         dead.running = still_running;
+        if slot.suspended {
+            // Suspended (a drain): it ended as asked; it is removed when it is held.
+            info!(task = %slot.spec.name, code = ?exit.code, "exited, and stays stopped");
+            set_state(slot, State::Stopped);
+            slot.last_exit = Some(exit);
+            slot.next_probe = None;
+            slot.dead = Some(dead);
+            return;
+        }
         let healthy_long = slot
             .healthy_since
             .is_some_and(|t| t.elapsed() >= policy.backoff_reset_after);
