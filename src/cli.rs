@@ -760,14 +760,21 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
 async fn prepare_image(common: &Common) -> anyhow::Result<ExitCode> {
     let settings = config::from_fragments(&file_layers(common)?)?;
     let fs = RootedFs::new(&common.root);
+    let socket = fs.resolve(&settings.status.socket);
+    if client::fetch(&socket).await.is_ok() {
+        anyhow::bail!(
+            "nodeagent runs (it answers on {}): stop it first (systemctl stop nodeagent), it records the instance again",
+            socket.display()
+        );
+    }
     if settings.ecs.join {
         let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
-        if let Ok(m) = agent.metadata().await {
-            anyhow::bail!(
-                "the ECS agent answers at {} (cluster {}): stop it first (systemctl stop ecs), or its state is written again",
-                agent.url(),
-                m.cluster
-            );
+        match agent.metadata().await {
+            Err(e) if e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(|r| r.is_connect())) => {}
+            Ok(_) | Err(_) => anyhow::bail!(
+                "the ECS agent answers at {}: stop it first (systemctl stop ecs), or its state is written again",
+                agent.url()
+            ),
         }
     }
     let containers = match BollardDocker::connect().await {
@@ -775,8 +782,13 @@ async fn prepare_image(common: &Common) -> anyhow::Result<ExitCode> {
         Err(e) => Err(e),
     };
     match containers {
+        Err(e) if e.chain().any(|c| c.is::<crate::docker::EngineAbsent>()) => {
+            info!("no Docker engine runs: no container either")
+        }
         Err(e) => {
-            info!(error = %format!("{e:#}"), "no Docker engine answers: no container can run")
+            return Err(e.context(
+                "cannot tell whether containers run: stop docker.service, or fix the access to it",
+            ))
         }
         Ok(containers) => {
             let running: Vec<String> = containers
@@ -786,21 +798,19 @@ async fn prepare_image(common: &Common) -> anyhow::Result<ExitCode> {
                 .collect();
             if !running.is_empty() {
                 anyhow::bail!(
-                "{} containers run ({}): stop them first (docker stop), the image must not start them again",
-                running.len(),
-                running.join(", ")
-            );
+                    "{} containers run ({}): stop them first (docker stop), the image must not start them again",
+                    running.len(),
+                    running.join(", ")
+                );
             }
         }
     }
-    let removed = image::clean(&settings, &fs)?;
-    for path in &removed {
+    let mut count = 0;
+    image::clean(&settings, &fs, &mut |path| {
         println!("removed {path}");
-    }
-    println!(
-        "instance identity removed ({} items): the disk is ready to be imaged",
-        removed.len()
-    );
+        count += 1;
+    })?;
+    println!("instance identity removed ({count} items): the disk is ready to be imaged");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -844,6 +854,9 @@ fn start_lifecycle(
                 container_instance: ci.clone(),
                 attribute,
                 grace: lc.degraded_grace,
+                reassert: lc
+                    .ready_attribute_at_join
+                    .then_some(Duration::from_secs(300)),
             };
             let withdraw = Withdraw {
                 withdraw,

@@ -404,12 +404,17 @@ fn status(e: &BollardError) -> Option<u16> {
 }
 
 /// A bollard error as a message that says where and, for an unreachable engine, what to check.
+/// No Docker engine listens where nodeagent looks (the socket is missing, or refuses).
+#[derive(Debug, thiserror::Error)]
+#[error("the Docker engine socket {0} does not exist or refuses connections: is dockerd running? (check `systemctl status docker`)")]
+pub struct EngineAbsent(pub String);
+
 fn engine_error(host: &str, e: BollardError) -> anyhow::Error {
     match e {
-        BollardError::SocketNotFoundError(path) => anyhow!(
-            "the Docker engine socket {path} does not exist: is dockerd running? \
-             (check `systemctl status docker`)"
-        ),
+        BollardError::SocketNotFoundError(path) => anyhow!(EngineAbsent(path)),
+        BollardError::IOError { err } if err.kind() == std::io::ErrorKind::ConnectionRefused => {
+            anyhow!(EngineAbsent(host.to_string()))
+        }
         BollardError::DockerResponseServerError {
             status_code,
             message,

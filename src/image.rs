@@ -26,14 +26,18 @@ pub const INSTANCE_RECORD: &str = "/var/lib/nodeagent/instance-id";
 /// Written when a drain begins (its trigger): the node stays drained across agent restarts.
 pub const DRAIN_MARKER: &str = "/var/lib/nodeagent/drain";
 
-/// Removes the instance identity; returns what was removed (host paths; `ecs.config: KEYS`).
-pub fn clean(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Vec<String>> {
-    let mut removed = Vec::new();
+/// Removes the instance identity; `removed` hears each removal as it happens (host paths;
+/// `ecs.config: KEYS`), so a failure part-way still says what is gone.
+pub fn clean(
+    settings: &Settings,
+    fs: &dyn HostFs,
+    removed: &mut dyn FnMut(String),
+) -> anyhow::Result<()> {
     // The ECS agent's state: its contents (the directory itself belongs to the package).
     for name in fs.list(ECS_DATA_DIR)? {
         let path = format!("{ECS_DATA_DIR}/{name}");
         if fs.remove(&path)? {
-            removed.push(path);
+            removed(path);
         }
     }
     let mut paths: Vec<String> = Vec::new();
@@ -47,7 +51,7 @@ pub fn clean(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Vec<String>
     paths.dedup();
     for path in paths {
         if fs.remove(&path)? {
-            removed.push(path);
+            removed(path);
         }
     }
     let config_path = &settings.ecs.config_path;
@@ -62,10 +66,10 @@ pub fn clean(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Vec<String>
         let cleaned = ecs_config::without(&text, &keys);
         if cleaned != text {
             fs.write_atomic(config_path, cleaned.as_bytes(), 0o644)?;
-            removed.push(format!("{config_path}: {}", keys.join(", ")));
+            removed(format!("{config_path}: {}", keys.join(", ")));
         }
     }
-    Ok(removed)
+    Ok(())
 }
 
 /// Another instance this disk carries the identity of: its record, else an instance id in the
@@ -98,9 +102,7 @@ pub fn guard(settings: &Settings, fs: &dyn HostFs, instance_id: &str) -> anyhow:
             instance_id = %instance_id,
             "this disk carries the identity of instance {other} (an AMI built without `nodeagent prepare-image`): removing it before the ECS agent starts"
         );
-        for path in clean(settings, fs)? {
-            info!(path = %path, "removed");
-        }
+        clean(settings, fs, &mut |path| info!(path = %path, "removed"))?;
     }
     record(fs, instance_id)
 }

@@ -22,6 +22,9 @@ pub struct ReadinessGate {
     pub container_instance: String,
     pub attribute: String,
     pub grace: Duration,
+    /// Put the attribute again this often while healthy: when the ECS agent registers it as
+    /// "false" itself (`ECS_INSTANCE_ATTRIBUTES`), an agent restart resets it.
+    pub reassert: Option<Duration>,
 }
 
 impl ReadinessGate {
@@ -36,6 +39,7 @@ impl ReadinessGate {
     ) {
         let mut degraded_since = Some(Instant::now());
         let mut retry_at: Option<Instant> = None;
+        let mut put_at: Option<Instant> = None;
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
         loop {
             let healthy = tasks.borrow().iter().all(|t| t.state == State::Healthy);
@@ -60,9 +64,15 @@ impl ReadinessGate {
                 None
             };
             let due = retry_at.is_none_or(|t| now >= t);
-            if let Some(want) = want.filter(|w| *present.borrow() != Some(*w) && due) {
+            let reassert_at = match (self.reassert, put_at) {
+                (Some(every), Some(at)) if want == Some(true) && !withdraw => Some(at + every),
+                _ => None,
+            };
+            let stale = reassert_at.is_some_and(|t| now >= t);
+            if let Some(want) = want.filter(|w| (*present.borrow() != Some(*w) || stale) && due) {
                 match self.apply(want).await {
                     Ok(()) => {
+                        put_at = want.then(Instant::now);
                         present.send_replace(Some(want));
                         retry_at = None;
                         backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
@@ -78,7 +88,10 @@ impl ReadinessGate {
             let grace_end = degraded_since
                 .filter(|_| *present.borrow() != Some(false))
                 .map(|t| t + self.grace);
-            let wake = [grace_end, retry_at].into_iter().flatten().min();
+            let wake = [grace_end, retry_at, reassert_at]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 changed = tasks.changed() => if changed.is_err() { return },
                 _ = withdrawn.changed() => {}
@@ -203,6 +216,7 @@ mod tests {
             container_instance: "arn:ci".into(),
             attribute: "nodeagent.ready".into(),
             grace: Duration::from_secs(60),
+            reassert: None,
         };
         let (withdraw, withdrawn) = watch::channel(false);
         let run = tokio::spawn(gate.run(rx, withdrawn, present));

@@ -14,7 +14,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -117,9 +117,16 @@ pub async fn serve_unix(
         snapshot,
         drains: Some(drains),
     });
+    // Reading the status is for root and group `nodeagent` (the socket's mode); draining the
+    // node is for root, or the agent's own user.
+    let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => connection(TokioIo::new(stream), api.clone()),
+            Ok((stream, _)) => {
+                let uid = stream.peer_cred().ok().map(|c| c.uid());
+                let may_drain = uid.is_some_and(|u| u == 0 || Some(u) == own_uid);
+                connection(TokioIo::new(stream), api.clone(), may_drain)
+            }
             Err(e) => {
                 debug!(error = %e, "status socket accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -145,7 +152,7 @@ pub async fn serve_metrics(listener: TcpListener, snapshot: Snapshot) {
     });
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => connection(TokioIo::new(stream), api.clone()),
+            Ok((stream, _)) => connection(TokioIo::new(stream), api.clone(), false),
             Err(e) => {
                 debug!(error = %e, "metrics accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -160,14 +167,14 @@ struct Api {
     drains: Option<mpsc::Sender<DrainRequest>>,
 }
 
-fn connection<IO>(io: IO, api: Arc<Api>)
+fn connection<IO>(io: IO, api: Arc<Api>, may_drain: bool)
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     tokio::spawn(async move {
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let api = api.clone();
-            async move { Ok::<_, Infallible>(answer(&req, &api)) }
+            async move { Ok::<_, Infallible>(answer(&req, &api, may_drain)) }
         });
         let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
@@ -180,7 +187,7 @@ where
     });
 }
 
-fn answer(req: &Request<Incoming>, api: &Api) -> Response<Full<Bytes>> {
+fn answer(req: &Request<Incoming>, api: &Api, may_drain: bool) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, ctype: &str, body: String| {
         Response::builder()
             .status(status)
@@ -210,6 +217,13 @@ fn answer(req: &Request<Incoming>, api: &Api) -> Response<Full<Bytes>> {
         );
     }
     if let (Some(drains), "/v1/drain") = (&api.drains, path) {
+        if !may_drain {
+            return reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "only root may drain the node\n".into(),
+            );
+        }
         let tasks_timeout = req
             .uri()
             .query()
