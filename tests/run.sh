@@ -12,3 +12,4 @@ bash tests/world/dockerd.sh install      # dockerd + busybox-static; the tests s
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+bash tests/units.sh                      # systemd-analyze verify + security exposure (<= 5.0)

@@ -1,0 +1,113 @@
+//! The shipped IAM policy (`packaging/iam-policy.json`) grants exactly the AWS operations the
+//! code calls: each SDK call site (`.client.<operation>(` in the boundary modules) and each
+//! operation name the call accounting records must be in the policy, and the policy must grant
+//! nothing else. ECS actions are scoped to the cluster (`ecs:cluster`).
+
+use std::collections::BTreeSet;
+
+mod support;
+
+/// `describe_auto_scaling_instances` → `DescribeAutoScalingInstances`.
+fn pascal(snake: &str) -> String {
+    snake
+        .split('_')
+        .map(|w| {
+            let mut c = w.chars();
+            c.next()
+                .map(|f| f.to_ascii_uppercase().to_string() + c.as_str())
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// The operations each boundary module calls through its SDK client.
+fn called() -> BTreeSet<String> {
+    let mut ops = BTreeSet::new();
+    for (file, service) in [
+        ("src/ec2.rs", "ec2"),
+        ("src/ecs.rs", "ecs"),
+        ("src/asg.rs", "autoscaling"),
+    ] {
+        let text = std::fs::read_to_string(support::repo().join(file)).unwrap();
+        let flat: String = text.split_whitespace().collect::<Vec<_>>().join("");
+        for part in flat.split(".client.").skip(1) {
+            let op: String = part
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            if part[op.len()..].starts_with('(') && !op.is_empty() {
+                ops.insert(format!("{service}:{}", pascal(&op)));
+            }
+        }
+    }
+    ops
+}
+
+/// The operation names the call accounting records (`"ecs:StartTask"` constants in `src/`).
+fn recorded() -> BTreeSet<String> {
+    let mut ops = BTreeSet::new();
+    let mut dirs = vec![support::repo().join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for piece in text.split('"').skip(1).step_by(2) {
+                let known = ["ec2:", "ecs:", "autoscaling:"];
+                let is_op = known.iter().any(|k| piece.starts_with(k))
+                    && piece.split(':').nth(1).is_some_and(|op| {
+                        op.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+                            && op.chars().all(|c| c.is_ascii_alphanumeric())
+                    });
+                if is_op {
+                    ops.insert(piece.to_string());
+                }
+            }
+        }
+    }
+    ops
+}
+
+#[test]
+fn the_policy_grants_exactly_what_the_code_calls() {
+    let text = std::fs::read_to_string(support::repo().join("packaging/iam-policy.json")).unwrap();
+    let policy: serde_json::Value = serde_json::from_str(&text).expect("the policy is JSON");
+    assert_eq!(policy["Version"], "2012-10-17");
+    let mut granted = BTreeSet::new();
+    for statement in policy["Statement"].as_array().unwrap() {
+        assert_eq!(statement["Effect"], "Allow", "{statement}");
+        let actions = statement["Action"].as_array().unwrap();
+        for action in actions {
+            let action = action.as_str().unwrap();
+            assert!(!action.contains('*'), "no wildcard actions: {action}");
+            assert!(granted.insert(action.to_string()), "{action} granted twice");
+            if action.starts_with("ecs:") {
+                assert!(
+                    statement["Condition"]["ArnEquals"]["ecs:cluster"]
+                        .as_str()
+                        .is_some_and(|c| c.ends_with(":cluster/CLUSTER_NAME")),
+                    "{action} is scoped to the cluster: {statement}"
+                );
+            }
+        }
+    }
+    let called = called();
+    let recorded = recorded();
+    assert!(
+        called.len() >= 12,
+        "the scan finds the call sites: {called:?}"
+    );
+    assert_eq!(
+        called, recorded,
+        "every SDK call is accounted under its operation name"
+    );
+    let missing: Vec<&String> = called.difference(&granted).collect();
+    let unused: Vec<&String> = granted.difference(&called).collect();
+    assert!(
+        missing.is_empty() && unused.is_empty(),
+        "the policy lacks {missing:?} and grants {unused:?}, which the code never calls"
+    );
+}
