@@ -214,21 +214,13 @@ async fn an_agent_in_another_cluster_is_an_error() {
     );
 }
 
-/// Every file under the root except the given ones.
+/// Every file under the root except the given ones (and the world's log).
 fn files_under(root: &std::path::Path, except: &[&std::path::Path]) -> Vec<std::path::PathBuf> {
-    let mut found = Vec::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else if !except.contains(&path.as_path()) && !path.ends_with("world.log") {
-                found.push(path);
-            }
-        }
-    }
-    found
+    support::files_under(root)
+        .into_iter()
+        .map(|rel| root.join(rel))
+        .filter(|p| !except.contains(&p.as_path()) && !p.ends_with("world.log"))
+        .collect()
 }
 
 #[test]

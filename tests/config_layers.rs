@@ -170,34 +170,30 @@ fn user_data_that_is_a_script_is_not_read() {
     assert!(out.status.success(), "{}", transcript(&out));
 }
 
-#[tokio::test]
-async fn every_layer_wins_in_order_with_tags_from_instance_metadata() {
-    let (world, config, _user_data) = layered_world(true);
+/// Every layer, with the tags read from IMDS (`imds_tags`) or through DescribeTags.
+async fn every_layer_wins_in_order(imds_tags: bool) {
+    let (world, config, _user_data) = layered_world(imds_tags);
     check_layers(&world, &config);
     let stats = world
         .control("GET", "/stats", serde_json::Value::Null)
         .await;
-    assert!(
-        stats["aws"]["by_operation"]
-            .get("ec2:DescribeTags")
-            .is_none(),
-        "tags came from IMDS: {stats}"
+    let described = stats["aws"]["by_operation"]
+        .get("ec2:DescribeTags")
+        .is_some();
+    assert_eq!(
+        described, !imds_tags,
+        "DescribeTags only without tags in IMDS: {stats}"
     );
 }
 
 #[tokio::test]
+async fn every_layer_wins_in_order_with_tags_from_instance_metadata() {
+    every_layer_wins_in_order(true).await;
+}
+
+#[tokio::test]
 async fn every_layer_wins_in_order_with_tags_from_describe_tags() {
-    let (world, config, _user_data) = layered_world(false);
-    check_layers(&world, &config);
-    let stats = world
-        .control("GET", "/stats", serde_json::Value::Null)
-        .await;
-    assert!(
-        stats["aws"]["by_operation"]
-            .get("ec2:DescribeTags")
-            .is_some(),
-        "no tags in IMDS: DescribeTags: {stats}"
-    );
+    every_layer_wins_in_order(false).await;
 }
 
 /// A metadata item from the world's IMDSv2 fixture.
@@ -226,21 +222,17 @@ async fn imds(world: &World, item: &str) -> String {
 
 /// Every file under `dir`: relative path → (bytes, mode).
 fn tree(dir: &Path) -> BTreeMap<String, (Vec<u8>, u32)> {
-    let mut found = BTreeMap::new();
-    let mut dirs = vec![dir.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for entry in std::fs::read_dir(d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                let rel = path.strip_prefix(dir).unwrap().display().to_string();
-                let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
-                found.insert(rel, (std::fs::read(&path).unwrap(), mode));
-            }
-        }
-    }
-    found
+    support::files_under(dir)
+        .into_iter()
+        .map(|rel| {
+            let path = dir.join(&rel);
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777;
+            (
+                rel.display().to_string(),
+                (std::fs::read(&path).unwrap(), mode),
+            )
+        })
+        .collect()
 }
 
 #[tokio::test]

@@ -10,19 +10,10 @@ use support::{transcript, World};
 
 /// Every file under `root`, as host paths.
 fn files(root: &Path) -> BTreeSet<String> {
-    let mut found = BTreeSet::new();
-    let mut dirs = vec![root.to_path_buf()];
-    while let Some(dir) = dirs.pop() {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                dirs.push(path);
-            } else {
-                found.insert(format!("/{}", path.strip_prefix(root).unwrap().display()));
-            }
-        }
-    }
-    found
+    support::files_under(root)
+        .iter()
+        .map(|rel| format!("/{}", rel.display()))
+        .collect()
 }
 
 fn write(root: &Path, host_path: &str, text: &str) {

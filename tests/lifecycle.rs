@@ -240,32 +240,44 @@ fn stop_order(log: &str) -> Vec<String> {
         .collect()
 }
 
-async fn ready_to_drain(world: &World, agent: &Agent) {
+async fn ready_to_drain(world: &World) {
     eventually(
         Duration::from_secs(30),
         "nodeagent.ready=true",
         async || ready(world).await.as_deref() == Some("true"),
     )
     .await;
-    let _ = agent;
+}
+
+/// Sets IMDS items (a spot notice, a scale-in) in the world's fixture.
+async fn set_imds(world: &World, items: serde_json::Value) {
+    world.control("POST", "/imds/items", items).await;
+}
+
+/// Waits until the agent says its drain is done.
+async fn drained(agent: &Agent, what: &str) {
+    eventually(Duration::from_secs(30), what, async || {
+        agent
+            .log()
+            .contains("drained: the node's tasks are stopped")
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn scale_in_drains_in_order_and_completes_the_lifecycle_action() {
     let (world, config) = drain_world();
     let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
-    ready_to_drain(&world, &agent).await;
+    ready_to_drain(&world).await;
     let tasks_before = world.running_tasks().await;
     let app = start_app_task(&world).await;
 
     // The group terminates the instance; it waits in Terminating:Wait for the hook.
-    world
-        .control(
-            "POST",
-            "/imds/items",
-            serde_json::json!({"autoscaling/target-lifecycle-state": "Terminated"}),
-        )
-        .await;
+    set_imds(
+        &world,
+        serde_json::json!({"autoscaling/target-lifecycle-state": "Terminated"}),
+    )
+    .await;
     eventually(
         Duration::from_secs(10),
         "DRAINING and Consul maintenance",
@@ -279,12 +291,7 @@ async fn scale_in_drains_in_order_and_completes_the_lifecycle_action() {
     .await;
     // ECS moves the service's task elsewhere: it stops here.
     world.stop_ecs_task(&app).await;
-    eventually(Duration::from_secs(20), "the drain to finish", async || {
-        agent
-            .log()
-            .contains("drained: the node's tasks are stopped")
-    })
-    .await;
+    drained(&agent, "the drain").await;
 
     let t = timeline(&world).await;
     assert_eq!(
@@ -397,23 +404,12 @@ async fn scale_in_drains_in_order_and_completes_the_lifecycle_action() {
 async fn a_spot_interruption_drains_and_an_app_task_that_never_stops_only_costs_the_timeout() {
     let (world, config) = drain_world();
     let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
-    ready_to_drain(&world, &agent).await;
+    ready_to_drain(&world).await;
     let _app = start_app_task(&world).await; // never stops
 
-    world
-        .control(
-            "POST",
-            "/imds/items",
-            serde_json::json!({"spot/instance-action": "{\"action\": \"terminate\", \"time\": \"2026-11-23T18:00:00Z\"}"}),
-        )
-        .await;
+    set_imds(&world, serde_json::json!({"spot/instance-action": "{\"action\": \"terminate\", \"time\": \"2026-11-23T18:00:00Z\"}"})).await;
     let asked = std::time::Instant::now();
-    eventually(Duration::from_secs(30), "the drain to finish", async || {
-        agent
-            .log()
-            .contains("drained: the node's tasks are stopped")
-    })
-    .await;
+    drained(&agent, "the drain").await;
     let took = asked.elapsed();
     assert!(
         took >= Duration::from_secs(3),
@@ -450,7 +446,7 @@ async fn a_spot_interruption_drains_and_an_app_task_that_never_stops_only_costs_
 async fn drain_at_shutdown_then_sigterm_and_a_plain_restart_keeps_every_task() {
     let (world, config) = drain_world();
     let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
-    ready_to_drain(&world, &agent).await;
+    ready_to_drain(&world).await;
 
     // A plain restart (systemctl restart nodeagent): SIGTERM alone leaves every task running,
     // and the next agent adopts them.
@@ -459,7 +455,7 @@ async fn drain_at_shutdown_then_sigterm_and_a_plain_restart_keeps_every_task() {
     assert!(agent.sigterm().success());
     assert_eq!(world.running_tasks().await, before);
     let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "second");
-    ready_to_drain(&world, &agent).await;
+    ready_to_drain(&world).await;
     assert_eq!(
         world.running_tasks().await,
         before,
@@ -676,7 +672,7 @@ async fn a_docker_node_drains_its_containers_in_order_around_consul_leave() {
 async fn a_drained_node_stays_drained_when_its_agent_restarts() {
     let (world, config) = drain_world();
     let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
-    ready_to_drain(&world, &agent).await;
+    ready_to_drain(&world).await;
 
     // The unit's ExecStop on a restart: not at shutdown, so no drain.
     let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
@@ -688,19 +684,12 @@ async fn a_drained_node_stays_drained_when_its_agent_restarts() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("not shutting down: no drain"));
     assert_eq!(world.running_tasks().await.len(), 3);
 
-    world
-        .control(
-            "POST",
-            "/imds/items",
-            serde_json::json!({"spot/instance-action": "{\"action\": \"stop\"}"}),
-        )
-        .await;
-    eventually(Duration::from_secs(30), "the drain to finish", async || {
-        agent
-            .log()
-            .contains("drained: the node's tasks are stopped")
-    })
+    set_imds(
+        &world,
+        serde_json::json!({"spot/instance-action": "{\"action\": \"stop\"}"}),
+    )
     .await;
+    drained(&agent, "the drain").await;
     assert!(agent.sigterm().success());
     assert_eq!(world.read("/var/lib/nodeagent/drain"), "spot-interruption");
     let starts = |stats: &serde_json::Value| {
@@ -716,16 +705,7 @@ async fn a_drained_node_stays_drained_when_its_agent_restarts() {
 
     // A new agent (a watchdog restart, an upgrade): it resumes the drain and starts nothing.
     let second = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "second");
-    eventually(
-        Duration::from_secs(30),
-        "the resumed drain to finish",
-        async || {
-            second
-                .log()
-                .contains("drained: the node's tasks are stopped")
-        },
-    )
-    .await;
+    drained(&second, "the resumed drain").await;
     assert!(second
         .log()
         .contains("resuming the drain, starting nothing"));

@@ -66,13 +66,7 @@ fn find_task<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_
 }
 
 fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).unwrap();
-    answer
+    support::http_get(port, path).expect("the metrics endpoint listens")
 }
 
 #[test]

@@ -13,7 +13,9 @@ if ! command -v systemd-analyze >/dev/null 2>&1; then
     { DEBIAN_FRONTEND=noninteractive apt-get update -q >&2 &&
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends systemd >&2; }
 fi
-cargo build --locked --quiet
+# The binary as the tests build it (`cargo build` alone would rebuild every dependency: the
+# tests' tokio features differ).
+cargo test --locked --no-run --quiet
 BIN=${CARGO_TARGET_DIR:-target}/debug/nodeagent
 SYSTEM_UNITS=$(ls -d /usr/lib/systemd/system /lib/systemd/system 2>/dev/null | head -n1)
 
