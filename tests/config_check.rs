@@ -41,6 +41,22 @@ fn good_configurations_pass() {
 }
 
 #[test]
+fn the_shipped_configuration_passes() {
+    let root = tempfile::tempdir().unwrap();
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/nodeagent.toml"),
+    )
+    .unwrap();
+    let out = check(root.path(), &shipped);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
 fn broken_configurations_exit_2_each_with_its_own_message() {
     let root = tempfile::tempdir().unwrap();
     let templates = root.path().join("etc/nodeagent");

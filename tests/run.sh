@@ -13,3 +13,4 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
 bash tests/units.sh                      # systemd-analyze verify + security exposure (<= 5.0)
+bash tests/packages.sh                   # release build, .deb and RPM, their file lists
