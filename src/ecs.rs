@@ -324,12 +324,7 @@ impl ContainerInstance for SdkEcs {
         name: &str,
         value: &str,
     ) -> anyhow::Result<()> {
-        // The full ARN as target needs no targetType.
-        let attribute = aws_sdk_ecs::types::Attribute::builder()
-            .name(name)
-            .value(value)
-            .target_id(container_instance)
-            .build()?;
+        let attribute = attribute(container_instance, name, value)?;
         let out = self
             .client
             .put_attributes()
@@ -351,11 +346,7 @@ impl ContainerInstance for SdkEcs {
         value: &str,
     ) -> anyhow::Result<()> {
         // ECS deletes by name; the value is given too, as emulators match on it.
-        let attribute = aws_sdk_ecs::types::Attribute::builder()
-            .name(name)
-            .value(value)
-            .target_id(container_instance)
-            .build()?;
+        let attribute = attribute(container_instance, name, value)?;
         let out = self
             .client
             .delete_attributes()
@@ -377,4 +368,18 @@ impl ContainerInstance for SdkEcs {
             }),
         }
     }
+}
+
+/// The attribute `name=value` on a container instance given by its full ARN (which needs no
+/// `targetType`).
+fn attribute(
+    container_instance: &str,
+    name: &str,
+    value: &str,
+) -> anyhow::Result<aws_sdk_ecs::types::Attribute> {
+    Ok(aws_sdk_ecs::types::Attribute::builder()
+        .name(name)
+        .value(value)
+        .target_id(container_instance)
+        .build()?)
 }
