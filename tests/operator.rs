@@ -299,6 +299,15 @@ impl Listener {
     fn texts(&self) -> Vec<String> {
         self.messages().into_iter().map(|(_, m)| m).collect()
     }
+
+    /// The last message once `STOPPING=1` has been read. The agent queued
+    /// its datagrams before it exited, but the reading thread may lag.
+    fn last_after_stopping(&self) -> String {
+        wait_for(Duration::from_secs(5), "STOPPING=1 to be read", || {
+            self.texts().iter().any(|m| m.starts_with("STOPPING=1\n"))
+        });
+        self.texts().last().cloned().unwrap()
+    }
 }
 
 /// SIGCONTs the engine whatever happens, so it can be stopped.
@@ -426,7 +435,7 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
     });
 
     assert!(agent.sigterm().success());
-    let last = listener.texts().last().cloned().unwrap();
+    let last = listener.last_after_stopping();
     assert!(last.starts_with("STOPPING=1\n"), "{last}");
     assert!(
         last.contains("STATUS=stopping; the tasks keep running"),
@@ -526,7 +535,8 @@ fn under_systemd_entries_go_to_the_journal_with_fields() {
     let started = entries
         .iter()
         .find(|e| {
-            e.get("MESSAGE").map(String::as_str) == Some("started")
+            e.get("MESSAGE")
+                .is_some_and(|m| m.starts_with("linkerd: started "))
                 && e.get("NODEAGENT_TASK").map(String::as_str) == Some("linkerd")
         })
         .unwrap_or_else(|| panic!("no `started` entry for linkerd: {entries:#?}"));
@@ -584,7 +594,7 @@ fn a_boot_waiting_on_the_ecs_agent_says_so_extends_and_stops_cleanly_on_sigterm(
         agent.sigterm().success(),
         "a stop during the boot is a clean stop"
     );
-    let last = listener.texts().last().cloned().unwrap();
+    let last = listener.last_after_stopping();
     assert!(last.starts_with("STOPPING=1\n"), "{last}");
     assert!(!world.path("/run/nodeagent/nodeagent.sock").exists());
     assert!(
