@@ -171,7 +171,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let config_error = e.chain().any(|c| c.is::<ConfigError>());
             if logging.to_journal() {
-                tracing::error!(error = %format!("{e:#}"), "nodeagent failed");
+                tracing::error!(error = %format!("{e:#}"), "nodeagent failed: {e:#}");
             } else {
                 eprintln!("nodeagent: error: {e:#}");
             }
@@ -670,7 +670,7 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
         )),
         RuntimeKind::Ecs => {
             let docker = docker
-                .inspect_err(|e| warn!(error = %format!("{e:#}"), "no Docker engine: task deaths are found by the periodic reconcile only"))
+                .inspect_err(|e| warn!(error = %format!("{e:#}"), "no Docker engine ({e:#}): task deaths are found by the periodic reconcile only"))
                 .ok();
             let tasks: Vec<(String, String)> = settings
                 .enabled_tasks()
@@ -895,7 +895,7 @@ fn start_lifecycle(
     let consul: Arc<dyn crate::consul::ConsulAgent> = match HttpConsul::new(&settings.consul.api) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            warn!(error = %format!("{e:#}"), "no Consul client: no drain");
+            warn!(error = %format!("{e:#}"), "no Consul client ({e:#}): no drain");
             return running;
         }
     };
@@ -940,10 +940,10 @@ fn start_lifecycle(
         };
         // The node stays drained, whatever happens to this agent.
         if let Err(e) = fs
-            .create_dir_all(image::STATE_DIR, 0o755)
+            .create_dir_all(image::RUNTIME_DIR, 0o750)
             .and_then(|()| fs.write_atomic(image::DRAIN_MARKER, trigger.name().as_bytes(), 0o644))
         {
-            warn!(error = %e, "cannot record the drain: a restarted agent would not resume it");
+            warn!(error = %e, "cannot record the drain ({e}): a restarted agent would not resume it");
         }
         let (progress, mut seen) = watch::channel(None);
         board.set_phase("draining");
@@ -1003,7 +1003,9 @@ async fn boot_node(
             warn!(baked_from = %other, "this disk carries the identity of instance {other}: run `nodeagent prepare` before ecs.service (nodeagent-prepare.service), which removes it")
         }
         Ok(None) => image::record(fs, &facts.instance_id)?,
-        Err(e) => warn!(error = %format!("{e:#}"), "cannot tell whose identity this disk carries"),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "cannot tell whose identity this disk carries: {e:#}")
+        }
     }
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, calls.clone());

@@ -23,8 +23,12 @@ pub const ECS_DATA_DIR: &str = "/var/lib/ecs/data";
 pub const STATE_DIR: &str = "/var/lib/nodeagent";
 /// The instance this disk last ran on.
 pub const INSTANCE_RECORD: &str = "/var/lib/nodeagent/instance-id";
-/// Written when a drain begins (its trigger): the node stays drained across agent restarts.
-pub const DRAIN_MARKER: &str = "/var/lib/nodeagent/drain";
+/// nodeagent's runtime directory (this boot only; the status socket's default home).
+pub const RUNTIME_DIR: &str = "/run/nodeagent";
+/// Written when a drain begins (its trigger): the node stays drained across agent restarts in
+/// this boot. A reboot clears it (a spot `stop` then start, a kernel update's `reboot`), so a
+/// node that comes back boots again instead of staying drained.
+pub const DRAIN_MARKER: &str = "/run/nodeagent/drain";
 
 /// Removes the instance identity; `removed` hears each removal as it happens (host paths;
 /// `ecs.config: KEYS`), so a failure part-way still says what is gone.
@@ -102,7 +106,11 @@ pub fn guard(settings: &Settings, fs: &dyn HostFs, instance_id: &str) -> anyhow:
             instance_id = %instance_id,
             "this disk carries the identity of instance {other} (an AMI built without `nodeagent prepare-image`): removing it before the ECS agent starts"
         );
-        clean(settings, fs, &mut |path| info!(path = %path, "removed"))?;
+        clean(
+            settings,
+            fs,
+            &mut |path| info!(path = %path, "removed {path}"),
+        )?;
     }
     record(fs, instance_id)
 }

@@ -691,7 +691,7 @@ async fn a_drained_node_stays_drained_when_its_agent_restarts() {
     .await;
     drained(&agent, "the drain").await;
     assert!(agent.sigterm().success());
-    assert_eq!(world.read("/var/lib/nodeagent/drain"), "spot-interruption");
+    assert_eq!(world.read("/run/nodeagent/drain"), "spot-interruption");
     let starts = |stats: &serde_json::Value| {
         stats["aws"]["by_operation"]["ecs:StartTask"]
             .as_u64()
