@@ -281,7 +281,7 @@ pub fn render_files(
     for file in &files {
         match fs.write_atomic(&file.path, file.contents.as_bytes(), file.mode)? {
             Written::Updated => {
-                info!(path = %file.path, task = %file.task, sha256 = %file.sha256, "rendered")
+                info!(path = %file.path, task = %file.task, sha256 = %file.sha256, "rendered {}", file.path)
             }
             Written::Unchanged => debug!(path = %file.path, "already up to date"),
         }

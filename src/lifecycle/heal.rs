@@ -47,24 +47,24 @@ impl SelfHeal {
             match self.asg.group_of(&self.instance_id).await {
                 Ok(Some(_)) => {}
                 Ok(None) => {
-                    error!(task = %task, after = ?self.after, "the task has crash-looped too long, but {} is in no autoscaling group: replace it by hand", self.instance_id);
+                    error!(task = %task, after = ?self.after, "{task} has crash-looped too long, but {} is in no autoscaling group: replace it by hand", self.instance_id);
                     return;
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot tell the instance's autoscaling group");
+                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot tell the instance's autoscaling group ({e:#}); retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
             }
             match self.asg.set_unhealthy(&self.instance_id).await {
                 Ok(()) => {
-                    error!(task = %task, after = ?self.after, "the task has crash-looped too long: marked this instance Unhealthy; its autoscaling group will replace it");
+                    error!(task = %task, after = ?self.after, "{task} has crash-looped too long: marked this instance Unhealthy; its autoscaling group will replace it");
                     return;
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot mark the instance unhealthy");
+                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot mark the instance unhealthy ({e:#}); retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                 }
             }

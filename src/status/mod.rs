@@ -15,7 +15,7 @@ use crate::aws::OpCount;
 use crate::boot::{BootReport, PhaseTime};
 use crate::facts::InstanceFacts;
 pub use crate::lifecycle::drain::DrainStatus;
-use crate::supervisor::{State, TaskStatus};
+use crate::supervisor::TaskStatus;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -236,7 +236,7 @@ impl Board {
                 .map(|t| Task {
                     name: t.name.clone(),
                     runtime: runtime.clone(),
-                    state: state_name(t.state).into(),
+                    state: t.state.as_str().into(),
                     since: rfc3339(t.since),
                     restarts: t.restarts,
                     instance: t.instance.clone(),
@@ -254,17 +254,6 @@ impl Board {
 
     pub fn set_aws_calls(&self, calls: BTreeMap<&'static str, OpCount>) {
         self.update(|s| s.aws_calls = calls.into_iter().map(|(k, v)| (k.into(), v)).collect());
-    }
-}
-
-pub fn state_name(state: State) -> &'static str {
-    match state {
-        State::Starting => "starting",
-        State::Healthy => "healthy",
-        State::Unhealthy => "unhealthy",
-        State::Restarting => "restarting",
-        State::CrashLoop => "crash-loop",
-        State::Stopped => "stopped",
     }
 }
 

@@ -88,6 +88,20 @@ pub enum State {
     Stopped,
 }
 
+impl State {
+    /// The state's name in status, logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Healthy => "healthy",
+            State::Unhealthy => "unhealthy",
+            State::Restarting => "restarting",
+            State::CrashLoop => "crash-loop",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
 /// A task as the supervisor is told about it.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
@@ -317,7 +331,9 @@ impl Supervisor {
         // Subscribe before looking, so nothing that dies in between is missed; then adopt.
         match self.runtime.events().await {
             Ok(stream) => events = Some(stream),
-            Err(e) => warn!(error = %format!("{e:#}"), "runtime events unavailable; will retry"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "runtime events unavailable ({e:#}); will retry")
+            }
         }
         self.reconcile(&mut jobs).await;
         let mut next_reconcile = Instant::now() + jitter(self.policy.reconcile_interval);
@@ -348,7 +364,7 @@ impl Supervisor {
                 event = next_event(&mut events) => match event {
                     Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {
-                        warn!(error = %format!("{e:#}"), "lost the runtime's event stream; reconnecting");
+                        warn!(error = %format!("{e:#}"), "lost the runtime's event stream ({e:#}); reconnecting");
                         events = None;
                     }
                     None => {
@@ -358,7 +374,7 @@ impl Supervisor {
                 },
                 Some(done) = jobs.join_next(), if !jobs.is_empty() => match done {
                     Ok(job) => self.on_job(job, &mut jobs),
-                    Err(e) => warn!(error = %e, "a supervision job failed"),
+                    Err(e) => warn!(error = %e, "a supervision job failed: {e}"),
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -469,9 +485,9 @@ impl Supervisor {
             Job::Held(i, result) => {
                 let slot = &mut self.slots[i];
                 match &result {
-                    Ok(()) => info!(task = %slot.spec.name, "stopped and held"),
+                    Ok(()) => info!(task = %slot.spec.name, "{}: stopped and held", slot.spec.name),
                     Err(e) => {
-                        warn!(task = %slot.spec.name, error = %format!("{e:#}"), "could not stop the held task")
+                        warn!(task = %slot.spec.name, error = %format!("{e:#}"), "{}: could not stop the held task: {e:#}", slot.spec.name)
                     }
                 }
                 let error = result.err().map(|e| format!("{e:#}"));
@@ -485,7 +501,7 @@ impl Supervisor {
             Job::Started(i, Ok(instance)) => {
                 let slot = &mut self.slots[i];
                 slot.busy = false;
-                info!(task = %slot.spec.name, id = %instance.id, "started");
+                info!(task = %slot.spec.name, id = %instance.id, "{}: started {}", slot.spec.name, instance.id);
                 let id = instance.id.clone();
                 self.adopt(i, instance);
                 if let Some(exit) = self.unclaimed_exits.remove(&id) {
@@ -505,7 +521,7 @@ impl Supervisor {
                 let delay = backoff(&policy, slot.failures.max(1));
                 slot.failures += 1;
                 slot.next_start = Some(Instant::now() + delay);
-                warn!(task = %slot.spec.name, retry_in = ?delay, error = %format!("{e:#}"), "could not start the task");
+                warn!(task = %slot.spec.name, retry_in = ?delay, error = %format!("{e:#}"), "{}: could not start the task ({e:#}); retrying in {delay:?}", slot.spec.name);
             }
             Job::Probed(i, id, took, result) => {
                 let slot = &mut self.slots[i];
@@ -541,9 +557,9 @@ impl Supervisor {
                 if slot.state == State::Healthy && failing {
                     set_state(slot, State::Unhealthy);
                     slot.healthy_since = None;
-                    warn!(task = %spec.name, check = %why, "unhealthy");
+                    warn!(task = %spec.name, check = %why, "{}: unhealthy: {why}", spec.name);
                 } else {
-                    debug!(task = %spec.name, check = %why, "health check failed");
+                    debug!(task = %spec.name, check = %why, "{}: health check failed", spec.name);
                 }
                 let every = if slot.state == State::Healthy || slot.state == State::Unhealthy {
                     spec.interval
@@ -553,7 +569,7 @@ impl Supervisor {
                 slot.next_probe = Some(Instant::now() + every);
                 if failing && spec.restart_when_unhealthy {
                     if let Some(inst) = slot.instance.clone() {
-                        warn!(task = %spec.name, "restarting the unhealthy task");
+                        warn!(task = %spec.name, "{}: restarting the unhealthy task", spec.name);
                         let id = inst.id.clone();
                         self.on_exited(
                             &id,
@@ -587,7 +603,7 @@ impl Supervisor {
         slot.suspended = true;
         slot.next_start = None;
         if !stop {
-            info!(task = %task, "suspended: it will not be restarted");
+            info!(task = %task, "{}: suspended: it will not be restarted", task);
             let _ = done.send(Ok(()));
             return;
         }
@@ -605,7 +621,7 @@ impl Supervisor {
         }
         match slot.instance.take() {
             Some(instance) => {
-                info!(task = %task, id = %instance.id, "stopping, and holding it stopped");
+                info!(task = %task, id = %instance.id, "{}: stopping, and holding it stopped", task);
                 let runtime = self.runtime.clone();
                 // ECS stops a task in its own time (its stop timeout, 30 s by default).
                 let limit = grace * 2 + Duration::from_secs(30);
@@ -663,7 +679,7 @@ impl Supervisor {
         dead.running = still_running;
         if slot.suspended {
             // Suspended (a drain): it ended as asked; it is removed when it is held.
-            info!(task = %slot.spec.name, code = ?exit.code, "exited, and stays stopped");
+            info!(task = %slot.spec.name, code = ?exit.code, "{}: exited, and stays stopped", slot.spec.name);
             set_state(slot, State::Stopped);
             slot.last_exit = Some(exit);
             slot.next_probe = None;
@@ -690,8 +706,8 @@ impl Supervisor {
             let (name, lines, dead) = (slot.spec.name.clone(), policy.log_lines, dead.clone());
             jobs.spawn(async move {
                 match runtime.output_tail(&dead, lines).await {
-                    Ok(tail) => warn!(task = %name, "last output of the crash-looping task:\n{tail}"),
-                    Err(e) => warn!(task = %name, error = %format!("{e:#}"), "cannot read the crash-looping task's output"),
+                    Ok(tail) => warn!(task = %name, "{name}: last output of the crash-looping task:\n{tail}"),
+                    Err(e) => warn!(task = %name, error = %format!("{e:#}"), "{name}: cannot read the crash-looping task's output: {e:#}"),
                 }
                 Job::Stopped(i, String::new())
             });
@@ -704,7 +720,11 @@ impl Supervisor {
                 policy.backoff_max
             );
         } else {
-            warn!(task = %slot.spec.name, code = ?exit.code, reason = %exit.reason, restart_in = ?delay, "task exited; restarting");
+            let code = exit
+                .code
+                .map(|c| format!(" with code {c}"))
+                .unwrap_or_default();
+            warn!(task = %slot.spec.name, code = ?exit.code, reason = %exit.reason, restart_in = ?delay, "{}: {}{code}; restarting in {delay:?}", slot.spec.name, exit.reason);
         }
         set_state(
             slot,
@@ -726,7 +746,7 @@ impl Supervisor {
             if dependent.spec.restart_with_dependencies && dependent.spec.depends_on.contains(&name)
             {
                 if let Some(inst) = dependent.instance.take() {
-                    info!(task = %dependent.spec.name, dependency = %name, "restarting with its dependency");
+                    info!(task = %dependent.spec.name, dependency = %name, "{}: restarting with its dependency", dependent.spec.name);
                     set_state(dependent, State::Restarting);
                     dependent.healthy_since = None;
                     dependent.next_probe = None;
@@ -746,7 +766,7 @@ impl Supervisor {
         let instances = match self.runtime.instances().await {
             Ok(list) => list,
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot list the tasks' instances; will retry");
+                warn!(error = %format!("{e:#}"), "cannot list the tasks' instances ({e:#}); will retry");
                 return;
             }
         };
@@ -799,12 +819,12 @@ impl Supervisor {
                     continue;
                 }
                 if inst.running && slot.instance.is_none() && slot.dead.is_none() && !slot.held {
-                    info!(task = %name, id = %inst.id, "adopted running instance");
+                    info!(task = %name, id = %inst.id, "{}: adopted running instance", name);
                     self.adopt(i, inst);
                     self.slots[i].adopted = true;
                 } else {
                     if inst.running {
-                        warn!(task = %name, id = %inst.id, "stopping a duplicate instance");
+                        warn!(task = %name, id = %inst.id, "{}: stopping a duplicate instance", name);
                     }
                     let runtime = self.runtime.clone();
                     jobs.spawn(async move {
@@ -816,7 +836,7 @@ impl Supervisor {
         }
         for (task, strays) in seen {
             for inst in strays {
-                warn!(task = %task, id = %inst.id, "stopping and removing an instance of a task that is not in the configuration");
+                warn!(task = %task, id = %inst.id, "{}: stopping and removing an instance of a task that is not in the configuration", task);
                 let runtime = self.runtime.clone();
                 let _ = runtime.stop(&inst).await;
             }
@@ -873,7 +893,7 @@ fn crash_looping(slot: &mut Slot, policy: &Supervision) -> bool {
 
 fn set_state(slot: &mut Slot, state: State) {
     if slot.state != state {
-        info!(task = %slot.spec.name, from = ?slot.state, to = ?state, "state");
+        info!(task = %slot.spec.name, from = ?slot.state, to = ?state, "{}: {} -> {}", slot.spec.name, slot.state.as_str(), state.as_str());
         slot.state = state;
         slot.since = SystemTime::now();
     }
