@@ -20,8 +20,9 @@ cargo build --release --locked --quiet
 size=$(stat -c %s "$TARGET/release/nodeagent")
 echo "== release binary: $size bytes ($(awk -v s="$size" 'BEGIN { printf "%.1f", s / 1048576 }') MiB; goal <= 15 MiB)"
 
-OUT=$(mktemp -d)
-trap 'rm -rf "$OUT"' EXIT
+# Kept beside the build (outside the clone) for tests/systemd-boot.sh, which installs the .deb.
+OUT=$TARGET/packages
+rm -rf "$OUT" && mkdir -p "$OUT"
 cargo deb --no-build --quiet --output "$OUT/nodeagent.deb" >/dev/null
 cargo generate-rpm --target-dir "$TARGET" --output "$OUT/nodeagent.rpm"
 

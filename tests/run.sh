@@ -8,9 +8,12 @@ cd "$(dirname "$0")/.."
 command -v cargo >/dev/null || { echo "run.sh: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
 bash tests/world/setup.sh >/dev/null     # the venv with moto; fails loudly if it cannot be made
 bash tests/world/dockerd.sh install      # dockerd + busybox-static; the tests start private engines
+bash tests/world/systemd-root.sh >/dev/null  # a Debian root with systemd (debootstrap, cached)
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
 bash tests/units.sh                      # systemd-analyze verify + security exposure (<= 5.0)
 bash tests/packages.sh                   # release build, .deb and RPM, their file lists
+bash tests/systemd-boot.sh               # the .deb in a Debian root booted by systemd, against the world
+bash tests/ami.sh                        # packer validate; the CloudFormation example (cfn-lint)
