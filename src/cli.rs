@@ -171,7 +171,7 @@ pub fn main() -> ExitCode {
         Err(e) => {
             let config_error = e.chain().any(|c| c.is::<ConfigError>());
             if logging.to_journal() {
-                tracing::error!(error = %format!("{e:#}"), "nodeagent failed: {e:#}");
+                tracing::error!("nodeagent failed: {e:#}");
             } else {
                 eprintln!("nodeagent: error: {e:#}");
             }
@@ -670,7 +670,7 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
         )),
         RuntimeKind::Ecs => {
             let docker = docker
-                .inspect_err(|e| warn!(error = %format!("{e:#}"), "no Docker engine ({e:#}): task deaths are found by the periodic reconcile only"))
+                .inspect_err(|e| warn!("no Docker engine ({e:#}): task deaths are found by the periodic reconcile only"))
                 .ok();
             let tasks: Vec<(String, String)> = settings
                 .enabled_tasks()
@@ -895,7 +895,7 @@ fn start_lifecycle(
     let consul: Arc<dyn crate::consul::ConsulAgent> = match HttpConsul::new(&settings.consul.api) {
         Ok(c) => Arc::new(c),
         Err(e) => {
-            warn!(error = %format!("{e:#}"), "no Consul client ({e:#}): no drain");
+            warn!("no Consul client ({e:#}): no drain");
             return running;
         }
     };
@@ -943,7 +943,7 @@ fn start_lifecycle(
             .create_dir_all(image::RUNTIME_DIR, 0o750)
             .and_then(|()| fs.write_atomic(image::DRAIN_MARKER, trigger.name().as_bytes(), 0o644))
         {
-            warn!(error = %e, "cannot record the drain ({e}): a restarted agent would not resume it");
+            warn!("cannot record the drain ({e}): a restarted agent would not resume it");
         }
         let (progress, mut seen) = watch::channel(None);
         board.set_phase("draining");
@@ -1004,7 +1004,7 @@ async fn boot_node(
         }
         Ok(None) => image::record(fs, &facts.instance_id)?,
         Err(e) => {
-            warn!(error = %format!("{e:#}"), "cannot tell whose identity this disk carries: {e:#}")
+            warn!("cannot tell whose identity this disk carries: {e:#}")
         }
     }
     let sdk = aws::sdk_config(&facts.region).await;

@@ -281,7 +281,7 @@ impl Drain {
             }
             Ok(Err(e)) => {
                 let detail = format!("{e:#}");
-                warn!(step = name, error = %detail, "drain step {name} failed ({detail}); going on");
+                warn!(step = name, "drain step {name} failed ({detail}); going on");
                 (false, detail)
             }
             Err(_) => {

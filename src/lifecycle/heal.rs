@@ -52,7 +52,7 @@ impl SelfHeal {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot tell the instance's autoscaling group ({e:#}); retrying in {delay:?}");
+                    warn!(retry_in = ?delay, "cannot tell the instance's autoscaling group ({e:#}); retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                     continue;
                 }
@@ -64,7 +64,7 @@ impl SelfHeal {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(error = %format!("{e:#}"), retry_in = ?delay, "cannot mark the instance unhealthy ({e:#}); retrying in {delay:?}");
+                    warn!(retry_in = ?delay, "cannot mark the instance unhealthy ({e:#}); retrying in {delay:?}");
                     tokio::time::sleep(delay).await;
                 }
             }

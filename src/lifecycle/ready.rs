@@ -79,7 +79,7 @@ impl ReadinessGate {
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
-                        warn!(attribute = %self.attribute, retry_in = ?delay, error = %format!("{e:#}"), "cannot update the readiness attribute {} ({e:#}); retrying in {delay:?}", self.attribute);
+                        warn!(attribute = %self.attribute, retry_in = ?delay, "cannot update the readiness attribute {} ({e:#}); retrying in {delay:?}", self.attribute);
                         retry_at = Some(Instant::now() + delay);
                     }
                 }

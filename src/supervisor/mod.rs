@@ -332,7 +332,7 @@ impl Supervisor {
         match self.runtime.events().await {
             Ok(stream) => events = Some(stream),
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "runtime events unavailable ({e:#}); will retry")
+                warn!("runtime events unavailable ({e:#}); will retry")
             }
         }
         self.reconcile(&mut jobs).await;
@@ -364,7 +364,7 @@ impl Supervisor {
                 event = next_event(&mut events) => match event {
                     Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {
-                        warn!(error = %format!("{e:#}"), "lost the runtime's event stream ({e:#}); reconnecting");
+                        warn!("lost the runtime's event stream ({e:#}); reconnecting");
                         events = None;
                     }
                     None => {
@@ -374,7 +374,7 @@ impl Supervisor {
                 },
                 Some(done) = jobs.join_next(), if !jobs.is_empty() => match done {
                     Ok(job) => self.on_job(job, &mut jobs),
-                    Err(e) => warn!(error = %e, "a supervision job failed: {e}"),
+                    Err(e) => warn!("a supervision job failed: {e}"),
                 },
                 _ = tokio::time::sleep_until(wake.into()) => {}
             }
@@ -487,7 +487,7 @@ impl Supervisor {
                 match &result {
                     Ok(()) => info!(task = %slot.spec.name, "{}: stopped and held", slot.spec.name),
                     Err(e) => {
-                        warn!(task = %slot.spec.name, error = %format!("{e:#}"), "{}: could not stop the held task: {e:#}", slot.spec.name)
+                        warn!(task = %slot.spec.name, "{}: could not stop the held task: {e:#}", slot.spec.name)
                     }
                 }
                 let error = result.err().map(|e| format!("{e:#}"));
@@ -521,7 +521,7 @@ impl Supervisor {
                 let delay = backoff(&policy, slot.failures.max(1));
                 slot.failures += 1;
                 slot.next_start = Some(Instant::now() + delay);
-                warn!(task = %slot.spec.name, retry_in = ?delay, error = %format!("{e:#}"), "{}: could not start the task ({e:#}); retrying in {delay:?}", slot.spec.name);
+                warn!(task = %slot.spec.name, retry_in = ?delay, "{}: could not start the task ({e:#}); retrying in {delay:?}", slot.spec.name);
             }
             Job::Probed(i, id, took, result) => {
                 let slot = &mut self.slots[i];
@@ -707,7 +707,7 @@ impl Supervisor {
             jobs.spawn(async move {
                 match runtime.output_tail(&dead, lines).await {
                     Ok(tail) => warn!(task = %name, "{name}: last output of the crash-looping task:\n{tail}"),
-                    Err(e) => warn!(task = %name, error = %format!("{e:#}"), "{name}: cannot read the crash-looping task's output: {e:#}"),
+                    Err(e) => warn!(task = %name, "{name}: cannot read the crash-looping task's output: {e:#}"),
                 }
                 Job::Stopped(i, String::new())
             });
@@ -766,7 +766,7 @@ impl Supervisor {
         let instances = match self.runtime.instances().await {
             Ok(list) => list,
             Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot list the tasks' instances ({e:#}); will retry");
+                warn!("cannot list the tasks' instances ({e:#}); will retry");
                 return;
             }
         };
