@@ -125,13 +125,16 @@ async fn docker_restart_latency() {
                 "start" if died.is_some() => {
                     let died = died.unwrap();
                     latencies.push((at - died) * 1e3);
-                    // nodeagent logs "task exited; restarting" as it sends the create request.
+                    // nodeagent logs "consul-registrator: died …; restarting in …" as it sends
+                    // the create request.
                     let log = agent.log();
                     let noticed = log
                         .lines()
-                        .rfind(|l| l.contains("task exited; restarting task=consul-registrator"))
+                        .rfind(|l| {
+                            l.contains(RESTARTING_REGISTRATOR) && l.contains("; restarting in")
+                        })
                         .map(log_time)
-                        .unwrap_or(at);
+                        .unwrap_or_else(|| panic!("no restart line in nodeagent's log:\n{log}"));
                     reactions.push((noticed - died) * 1e3);
                     break;
                 }
@@ -184,7 +187,7 @@ async fn ecs_restart_latency() {
         // What the ECS agent runs for that task.
         let container = engine.run_ecs_container(&arn, &world.info.cluster);
         world.stop_ecs_task(&arn).await;
-        let restarts = agent.log().matches("started task=linkerd").count();
+        let restarts = agent.log().matches(STARTED_LINKERD).count();
         engine.cli(&["kill", &container]);
         let died = loop {
             let (action, id, at) = stream.next().await.unwrap();
@@ -192,14 +195,11 @@ async fn ecs_restart_latency() {
                 break at;
             }
         };
-        // nodeagent logs "started task=linkerd" once StartTask has answered.
+        // nodeagent logs "linkerd: started ARN" once StartTask has answered.
         let answered = loop {
             let log = agent.log();
-            if log.matches("started task=linkerd").count() > restarts {
-                let line = log
-                    .lines()
-                    .rfind(|l| l.contains("started task=linkerd"))
-                    .unwrap();
+            if log.matches(STARTED_LINKERD).count() > restarts {
+                let line = log.lines().rfind(|l| l.contains(STARTED_LINKERD)).unwrap();
                 break log_time(line);
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -212,6 +212,11 @@ async fn ecs_restart_latency() {
         &latencies,
     );
 }
+
+/// nodeagent's log line for a started linkerd task (`linkerd: started ID`).
+const STARTED_LINKERD: &str = "linkerd: started ";
+/// nodeagent's log line for registrator's restart begins so (`consul-registrator: died …`).
+const RESTARTING_REGISTRATOR: &str = "consul-registrator: ";
 
 /// The epoch seconds of a log line's RFC 3339 timestamp ("2026-11-23T16:17:02.165889Z ...").
 fn log_time(line: &str) -> f64 {
@@ -277,7 +282,7 @@ async fn ecs_idle_calls() {
     let config = world.config("");
     let agent =
         Agent::start_with_docker(&world, "unix:///nonexistent/docker.sock", &config, "idle");
-    while !agent.log().contains("started task=linkerd") && !agent.log().contains("adopted") {
+    while !agent.log().contains(STARTED_LINKERD) && !agent.log().contains("adopted") {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
