@@ -138,20 +138,24 @@ echo "== reboot the node"
 d restart -t 5 "$NODE" >/dev/null
 wait_running
 
-show() { inside systemctl show -p ActiveState,StatusText nodeagent; }
-state=
-for _ in $(seq 300); do
-  state=$(show)
-  grep -qx 'ActiveState=active' <<<"$state" && grep -q '^StatusText=3/3 tasks healthy' <<<"$state" && break
-  sleep 0.2
-done
-echo "$ state: systemctl show -p ActiveState,StatusText nodeagent"
-echo "$state"
-grep -qx 'ActiveState=active' <<<"$state" && grep -q '^StatusText=3/3 tasks healthy' <<<"$state" || {
-  inside systemctl status nodeagent nodeagent-prepare --no-pager >&2 || true
-  inside journalctl -b --no-pager -u nodeagent -u nodeagent-prepare >&2 || true
-  fail "nodeagent did not become active with all tasks healthy"
+# Waits (up to 60 s) for nodeagent to be active with every task healthy; prints the state.
+wait_ready() {
+  local state= ready=
+  for _ in $(seq 300); do
+    state=$(inside systemctl show -p ActiveState,StatusText nodeagent)
+    grep -qx 'ActiveState=active' <<<"$state" && grep -q '^StatusText=3/3 tasks healthy' <<<"$state" &&
+      ready=1 && break
+    sleep 0.2
+  done
+  echo "$ systemctl show -p ActiveState,StatusText nodeagent"
+  echo "$state"
+  [ -n "$ready" ] || {
+    inside systemctl status nodeagent nodeagent-prepare --no-pager >&2 || true
+    inside journalctl -b --no-pager -u nodeagent -u nodeagent-prepare >&2 || true
+    fail "nodeagent did not become active with all tasks healthy"
+  }
 }
+wait_ready
 
 prop() { inside systemctl show -p "$2" --value "$1"; }
 prep_state=$(prop nodeagent-prepare ActiveState)
@@ -196,17 +200,15 @@ PYEOF
 
 echo "$ systemctl restart nodeagent   (not a shutdown: the tasks keep running)"
 before=$(d ps -q --filter "label=io.nodeagent.node=$INSTANCE_ID" | sort)
+old_pid=$(inside systemctl show -p MainPID --value nodeagent)
 inside systemctl restart nodeagent
-for _ in $(seq 300); do
-  state=$(show)
-  grep -qx 'ActiveState=active' <<<"$state" && grep -q '^StatusText=3/3 tasks healthy' <<<"$state" && break
-  sleep 0.2
-done
+wait_ready
+new_pid=$(inside systemctl show -p MainPID --value nodeagent)
 after=$(d ps -q --filter "label=io.nodeagent.node=$INSTANCE_ID" | sort)
-echo "$state"
+[ "$new_pid" != "$old_pid" ] || fail "nodeagent was not restarted (pid $old_pid)"
 [ "$(wc -l <<<"$before")" = 3 ] && [ "$before" = "$after" ] ||
   fail "the task containers changed across a restart: before [$before] after [$after]"
-echo "the same 3 task containers before and after; nodeagent active again"
+echo "a new agent (pid $old_pid -> $new_pid), the same 3 task containers before and after"
 
 echo "$ poweroff   (docker stop: SIGRTMIN+3 to systemd; nodeagent's ExecStop drains)"
 d stop -t 120 "$NODE" >/dev/null
