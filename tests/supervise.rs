@@ -118,6 +118,13 @@ fn a_restarted_agent_adopts_its_containers_and_removes_strays() {
     });
     let before = running(&engine, &world);
     first.sigkill();
+    // The line the second agent must not write (checked below) is the first one's.
+    assert_eq!(
+        first.log().matches(": started ").count(),
+        3,
+        "{}",
+        first.log()
+    );
 
     // A container of ours for a task that is not configured (any more).
     engine.cli(&[

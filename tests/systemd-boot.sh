@@ -169,7 +169,7 @@ inside grep -qx 'ECS_CLUSTER=l5d-demo' /etc/ecs/ecs.config || fail "ecs.config l
 
 echo "$ nodeagent status"
 inside nodeagent status || fail "nodeagent status exited $? on a healthy node"
-pid=$(inside systemctl show -p MainPID --value nodeagent)
+pid=$(prop nodeagent MainPID)
 echo "nodeagent (pid $pid): $(inside grep -E '^(VmRSS|RssAnon|RssFile)' "/proc/$pid/status" | tr -s ' \t' ' ' | paste -sd,)"
 
 echo "$ journalctl -u nodeagent NODEAGENT_TASK=linkerd -o short"
@@ -200,10 +200,10 @@ PYEOF
 
 echo "$ systemctl restart nodeagent   (not a shutdown: the tasks keep running)"
 before=$(d ps -q --filter "label=io.nodeagent.node=$INSTANCE_ID" | sort)
-old_pid=$(inside systemctl show -p MainPID --value nodeagent)
+old_pid=$(prop nodeagent MainPID)
 inside systemctl restart nodeagent
 wait_ready
-new_pid=$(inside systemctl show -p MainPID --value nodeagent)
+new_pid=$(prop nodeagent MainPID)
 after=$(d ps -q --filter "label=io.nodeagent.node=$INSTANCE_ID" | sort)
 [ "$new_pid" != "$old_pid" ] || fail "nodeagent was not restarted (pid $old_pid)"
 [ "$(wc -l <<<"$before")" = 3 ] && [ "$before" = "$after" ] ||

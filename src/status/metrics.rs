@@ -2,18 +2,8 @@
 //! `GET /metrics` on the status socket, and on `metrics.listen` when set.
 
 use super::NodeStatus;
+use crate::supervisor::State;
 use std::fmt::Write as _;
-
-/// Every state a task can be in: each task gets one `nodeagent_task_state` series per state,
-/// 1 for the current one, so a dashboard can sum over states.
-const STATES: [&str; 6] = [
-    "starting",
-    "healthy",
-    "unhealthy",
-    "restarting",
-    "crash-loop",
-    "stopped",
-];
 
 pub fn render(status: &NodeStatus) -> String {
     let mut out = String::new();
@@ -33,15 +23,16 @@ pub fn render(status: &NodeStatus) -> String {
     family(
         "nodeagent_task_state",
         "gauge",
+        // One series per state, 1 for the current one, so a dashboard can sum over states.
         "1 for the state each task is in.",
         status
             .tasks
             .iter()
             .flat_map(|t| {
-                STATES.iter().map(move |s| {
+                State::ALL.iter().map(move |s| {
                     (
-                        labels(&[("task", &t.name), ("state", s)]),
-                        u8::from(t.state == *s).to_string(),
+                        labels(&[("task", &t.name), ("state", s.as_str())]),
+                        u8::from(t.state == s.as_str()).to_string(),
                     )
                 })
             })

@@ -89,6 +89,16 @@ pub enum State {
 }
 
 impl State {
+    /// Every state, in lifecycle order.
+    pub const ALL: [State; 6] = [
+        State::Starting,
+        State::Healthy,
+        State::Unhealthy,
+        State::Restarting,
+        State::CrashLoop,
+        State::Stopped,
+    ];
+
     /// The state's name in status, logs and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
