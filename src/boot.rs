@@ -17,7 +17,7 @@ use crate::config::Settings;
 use crate::ec2::Ec2;
 use crate::ecs_config;
 use crate::facts::InstanceFacts;
-use crate::hostfs::{HostFs, Written};
+use crate::hostfs::{blocked_ancestor, HostFs, Perms, Written};
 use crate::render::{render_value, ConsulContext, Context, EcsContext, RenderedFile, Renderer};
 use crate::retry::{jitter, Backoff};
 use crate::supervisor::health::Probe;
@@ -27,7 +27,7 @@ use serde::Serialize;
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// The ECS agent is polled this often (jittered down to half) while it starts.
 const AGENT_POLL: Duration = Duration::from_millis(100);
@@ -79,7 +79,7 @@ pub fn prepare(settings: &Settings, fs: &dyn HostFs) -> anyhow::Result<Written> 
     let existing = String::from_utf8(existing)
         .map_err(|_| anyhow!("{path} is not UTF-8 text; fix or remove it"))?;
     let merged = ecs_config::merge(&existing, &settings.ecs_config_lines());
-    let written = fs.write_atomic(path, merged.as_bytes(), 0o644)?;
+    let written = ecs_config::write(fs, path, &merged)?;
     match written {
         Written::Updated => {
             info!(path = %path, cluster = %settings.cluster, "joined the ECS cluster: wrote ecs.config")
@@ -274,12 +274,24 @@ pub fn render_files(
     let files = renderer.render(&context(settings, facts, servers, container_instance))?;
     for task in settings.enabled_tasks() {
         for dir in &settings.tasks[task.name].dirs {
-            fs.create_dir_all(dir, 0o755)
+            fs.create_dir_all(dir, TASK_DIRS)
                 .with_context(|| format!("tasks.{}.dirs", task.name))?;
         }
     }
     for file in &files {
-        match fs.write_atomic(&file.path, file.contents.as_bytes(), file.mode)? {
+        let owner = match &file.owner {
+            Some(spec) => Some(
+                fs.resolve_owner(spec)
+                    .with_context(|| format!("tasks.{}.files.{:?}.owner", file.task, file.path))?,
+            ),
+            None => None,
+        };
+        let perms = Perms {
+            mode: file.mode,
+            owner,
+        };
+        warn_unreachable(fs, file, perms)?;
+        match fs.write_atomic(&file.path, file.contents.as_bytes(), perms)? {
             Written::Updated => {
                 info!(path = %file.path, task = %file.task, sha256 = %file.sha256, "rendered {}", file.path)
             }
@@ -287,6 +299,28 @@ pub fn render_files(
         }
     }
     Ok(files)
+}
+
+/// Task directories: the task's image may chown them (Consul's entrypoint does), nodeagent
+/// creates them for everyone to pass through.
+const TASK_DIRS: Perms = Perms::mode(0o755);
+
+/// A file meant for a container user (an owner, or readable by others) behind a directory that
+/// user cannot pass through is a task that will fail to start: say so, naming the directory.
+fn warn_unreachable(fs: &dyn HostFs, file: &RenderedFile, perms: Perms) -> anyhow::Result<()> {
+    let reader = match perms.owner {
+        Some(owner) => Some(owner),
+        None if perms.mode & 0o004 != 0 => None,
+        None => return Ok(()),
+    };
+    if let Some((dir, meta)) = blocked_ancestor(fs, &file.path, reader)? {
+        let who = match reader {
+            Some(o) => format!("uid {} (the file's owner)", o.uid),
+            None => "a container user other than root".into(),
+        };
+        warn!(path = %file.path, task = %file.task, "{dir} is mode {:04o}, owner {}:{}: {who} cannot reach {} and {} will fail to read it; chmod o+x {dir} (nodeagent leaves existing directories as they are)", meta.mode, meta.uid, meta.gid, file.path, file.task);
+    }
+    Ok(())
 }
 
 /// A UTF-8 text file of the host (a user template).

@@ -13,7 +13,7 @@ use crate::docker::{BollardDocker, Docker};
 use crate::ec2::{Ec2, SdkEc2};
 use crate::ecs::SdkEcs;
 use crate::facts::InstanceFacts;
-use crate::hostfs::{HostFs, RootedFs};
+use crate::hostfs::{HostFs, Perms, RootedFs};
 use crate::image;
 use crate::imds::{AwsImds, Imds};
 use crate::lifecycle::drain::{wait_for_trigger, Drain, DrainRequest, Trigger, Withdraw};
@@ -362,7 +362,7 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
     flatten(&loaded.merged, "", &mut leaves);
     for (key, value) in leaves {
         let origin = loaded.origins.get(&key).map_or("?", String::as_str);
-        let value = if looks_secret(&key) {
+        let value = if config::looks_secret(&key) {
             "\"<redacted>\"".to_string()
         } else {
             value.to_string()
@@ -370,28 +370,6 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
         println!("{key} = {value}  # {origin}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Whether a key's name says its value is a credential (`ECS_ENGINE_AUTH_DATA`,
-/// `CONSUL_HTTP_TOKEN`, `DD_API_KEY`, `vars.gossip_encrypt`, …).
-fn looks_secret(key: &str) -> bool {
-    let last = key
-        .rsplit('.')
-        .next()
-        .unwrap_or_default()
-        .trim_matches('"')
-        .to_uppercase();
-    let words = [
-        "SECRET",
-        "PASSWORD",
-        "PASSWD",
-        "TOKEN",
-        "AUTH",
-        "CREDENTIAL",
-        "PRIVATE",
-        "ENCRYPT",
-    ];
-    words.iter().any(|w| last.contains(w)) || (last != "KEY" && last.ends_with("KEY"))
 }
 
 fn flatten(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
@@ -596,7 +574,10 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
     // The files alone place the status socket, so `nodeagent status` answers from the start.
     let early = config::from_fragments(&files)?;
     let manager: Arc<dyn ServiceManager> = Arc::new(Systemd);
-    let notifier = Arc::new(notify::Notifier::new(manager.clone()));
+    let notifier = Arc::new(notify::Notifier::new(
+        manager.clone(),
+        early.supervision.ready_timeout,
+    ));
     let observer: status::Observer = {
         let notifier = notifier.clone();
         Arc::new(move |s| notifier.observe(s))
@@ -643,6 +624,7 @@ async fn run(common: &Common, once: bool, logging: &Logging) -> anyhow::Result<E
         booted = boot => booted?,
         _ = signals.recv() => return stop(" during the boot"),
     };
+    notifier.set_ready_timeout(settings.supervision.ready_timeout);
     if settings.status.socket != early.status.socket {
         warn!(socket = %socket.display(), "status.socket from EC2 user-data or tags is ignored: the socket is placed by the configuration files");
     }
@@ -940,8 +922,14 @@ fn start_lifecycle(
         };
         // The node stays drained, whatever happens to this agent.
         if let Err(e) = fs
-            .create_dir_all(image::RUNTIME_DIR, 0o750)
-            .and_then(|()| fs.write_atomic(image::DRAIN_MARKER, trigger.name().as_bytes(), 0o644))
+            .create_dir_all(image::RUNTIME_DIR, Perms::mode(0o750))
+            .and_then(|()| {
+                fs.write_atomic(
+                    image::DRAIN_MARKER,
+                    trigger.name().as_bytes(),
+                    Perms::mode(0o644),
+                )
+            })
         {
             warn!("cannot record the drain ({e}): a restarted agent would not resume it");
         }
@@ -1095,32 +1083,5 @@ fn runtime_name(kind: RuntimeKind) -> &'static str {
     match kind {
         RuntimeKind::Ecs => "ecs",
         RuntimeKind::Docker => "docker",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn secret_looking_keys() {
-        for key in [
-            "ecs.config.ECS_ENGINE_AUTH_DATA",
-            "tasks.x.container.env.CONSUL_HTTP_TOKEN",
-            "tasks.x.container.env.DD_API_KEY",
-            "vars.gossip_encrypt",
-            "vars.db_password",
-            "vars.\"private-key\"",
-        ] {
-            assert!(looks_secret(key), "{key}");
-        }
-        for key in [
-            "consul.server_tag.key",
-            "cluster",
-            "ecs.config.ECS_ENABLE_CONTAINER_METADATA",
-            "vars.keyspace",
-        ] {
-            assert!(!looks_secret(key), "{key}");
-        }
     }
 }

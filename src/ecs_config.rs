@@ -3,8 +3,27 @@
 //! The file is rewritten whole (and, for an image, without nodeagent's keys): each managed key appears exactly once (in place of its first
 //! occurrence, duplicates dropped, missing keys appended), every other line — comments, keys
 //! someone else manages — is kept as it was. Merging the result again changes nothing.
+//!
+//! The file can hold credentials (`ECS_ENGINE_AUTH_DATA`): a rewrite keeps the mode and owner
+//! the operator gave it; a new file is 0600 when a key looks secret, else 0644.
 
+use crate::config::looks_secret;
+use crate::hostfs::{HostFs, Perms, Written};
 use std::collections::BTreeSet;
+
+/// Writes `text` as ecs.config at `path` (atomically), keeping the existing file's mode and
+/// owner.
+pub fn write(fs: &dyn HostFs, path: &str, text: &str) -> std::io::Result<Written> {
+    let perms = match fs.metadata(path)? {
+        Some(m) if !m.is_symlink && !m.is_dir => Perms {
+            mode: m.mode,
+            owner: Some(m.owner()),
+        },
+        _ if text.lines().filter_map(key_of).any(looks_secret) => Perms::mode(0o600),
+        _ => Perms::mode(0o644),
+    };
+    fs.write_atomic(path, text.as_bytes(), perms)
+}
 
 /// The new content of ecs.config given its current content and the managed `KEY=VALUE` pairs.
 pub fn merge(existing: &str, managed: &[(String, String)]) -> String {
@@ -58,6 +77,36 @@ fn key_of(line: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hostfs::RootedFs;
+
+    /// ecs.config may hold ECS_ENGINE_AUTH_DATA: a rewrite must not widen its mode.
+    #[test]
+    fn a_rewrite_keeps_the_mode_and_owner_and_a_new_secret_file_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = RootedFs::new(dir.path());
+        let path = "/etc/ecs/ecs.config";
+        let owner = crate::hostfs::Owner { uid: 0, gid: 995 };
+        fs.write_atomic(
+            path,
+            b"ECS_ENGINE_AUTH_DATA={}\n",
+            Perms {
+                mode: 0o600,
+                owner: Some(owner),
+            },
+        )
+        .unwrap();
+        let text = merge("ECS_ENGINE_AUTH_DATA={}\n", &managed()[..1]);
+        assert_eq!(write(&fs, path, &text).unwrap(), Written::Updated);
+        let meta = fs.metadata(path).unwrap().unwrap();
+        assert_eq!((meta.mode, meta.gid), (0o600, 995));
+
+        fs.remove(path).unwrap();
+        write(&fs, path, "ECS_CLUSTER=a\nECS_ENGINE_AUTH_DATA={}\n").unwrap();
+        assert_eq!(fs.metadata(path).unwrap().unwrap().mode, 0o600);
+        fs.remove(path).unwrap();
+        write(&fs, path, "ECS_CLUSTER=a\n").unwrap();
+        assert_eq!(fs.metadata(path).unwrap().unwrap().mode, 0o644);
+    }
 
     fn managed() -> Vec<(String, String)> {
         vec![

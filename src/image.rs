@@ -13,7 +13,7 @@
 
 use crate::config::Settings;
 use crate::ecs_config;
-use crate::hostfs::HostFs;
+use crate::hostfs::{HostFs, Perms};
 use anyhow::{anyhow, Context};
 use tracing::{info, warn};
 
@@ -32,28 +32,33 @@ pub const DRAIN_MARKER: &str = "/run/nodeagent/drain";
 
 /// Removes the instance identity; `removed` hears each removal as it happens (host paths;
 /// `ecs.config: KEYS`), so a failure part-way still says what is gone.
+///
+/// Directories are emptied, not removed: the ECS agent's state directory belongs to its
+/// package, nodeagent's to systemd (`StateDirectory=`, a bind mount inside the sandbox), and a
+/// task directory may be a mount point or owned by the task's image user (Consul's data dir is
+/// uid 100's: emptying it needs CAP_DAC_OVERRIDE, which the prepare unit has).
 pub fn clean(
     settings: &Settings,
     fs: &dyn HostFs,
     removed: &mut dyn FnMut(String),
 ) -> anyhow::Result<()> {
-    // The ECS agent's state: its contents (the directory itself belongs to the package).
-    for name in fs.list(ECS_DATA_DIR)? {
-        let path = format!("{ECS_DATA_DIR}/{name}");
-        if fs.remove(&path)? {
-            removed(path);
-        }
-    }
-    let mut paths: Vec<String> = Vec::new();
+    let mut dirs = vec![ECS_DATA_DIR.to_string(), STATE_DIR.to_string()];
+    let mut files: Vec<String> = Vec::new();
     for task in settings.enabled_tasks() {
         let config = &settings.tasks[task.name];
-        paths.extend(config.dirs.iter().cloned());
-        paths.extend(config.files.keys().cloned());
+        dirs.extend(config.dirs.iter().cloned());
+        files.extend(config.files.keys().cloned());
     }
-    paths.push(STATE_DIR.to_string());
-    paths.sort();
-    paths.dedup();
-    for path in paths {
+    dirs.sort();
+    dirs.dedup();
+    files.sort();
+    files.dedup();
+    for dir in dirs {
+        for name in fs.empty(&dir)? {
+            removed(format!("{dir}/{name}"));
+        }
+    }
+    for path in files {
         if fs.remove(&path)? {
             removed(path);
         }
@@ -69,7 +74,7 @@ pub fn clean(
             .collect();
         let cleaned = ecs_config::without(&text, &keys);
         if cleaned != text {
-            fs.write_atomic(config_path, cleaned.as_bytes(), 0o644)?;
+            ecs_config::write(fs, config_path, &cleaned)?;
             removed(format!("{config_path}: {}", keys.join(", ")));
         }
     }
@@ -117,11 +122,11 @@ pub fn guard(settings: &Settings, fs: &dyn HostFs, instance_id: &str) -> anyhow:
 
 /// Records that this disk now runs as `instance_id`.
 pub fn record(fs: &dyn HostFs, instance_id: &str) -> anyhow::Result<()> {
-    fs.create_dir_all(STATE_DIR, 0o755)?;
+    fs.create_dir_all(STATE_DIR, Perms::mode(0o755))?;
     fs.write_atomic(
         INSTANCE_RECORD,
         format!("{instance_id}\n").as_bytes(),
-        0o644,
+        Perms::mode(0o644),
     )
     .with_context(|| format!("recording the instance in {INSTANCE_RECORD}"))?;
     Ok(())
@@ -173,18 +178,19 @@ mod tests {
         fs.write_atomic(
             "/var/lib/ecs/data/ecs_agent_data.json",
             br#"{"Data":{"EC2InstanceID":"i-0a1d"}}"#,
-            0o600,
+            Perms::mode(0o600),
         )
         .unwrap();
         assert_eq!(baked_from(&fs, "i-1").unwrap().as_deref(), Some("i-0a1d"));
-        fs.create_dir_all("/var/lib/ecs/data/metadata", 0o755)
+        fs.create_dir_all("/var/lib/ecs/data/metadata", Perms::mode(0o755))
             .unwrap();
         assert_eq!(
             baked_from(&fs, "i-1").unwrap().as_deref(),
             Some("i-0a1d"),
             "a directory in the agent's state is no obstacle"
         );
-        fs.write_atomic(INSTANCE_RECORD, b"i-1\n", 0o644).unwrap();
+        fs.write_atomic(INSTANCE_RECORD, b"i-1\n", Perms::mode(0o644))
+            .unwrap();
         assert_eq!(baked_from(&fs, "i-1").unwrap(), None, "the record wins");
     }
 }

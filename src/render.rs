@@ -60,6 +60,8 @@ pub struct RenderedFile {
     pub task: String,
     pub path: String,
     pub mode: u32,
+    /// `tasks.*.files.*.owner` as configured (resolved when the file is written).
+    pub owner: Option<String>,
     #[serde(skip)]
     pub contents: String,
     pub sha256: String,
@@ -72,6 +74,7 @@ struct Planned {
     path: String,
     template: String,
     mode: u32,
+    owner: Option<String>,
 }
 
 /// Compiled templates for every file of every enabled task.
@@ -107,6 +110,7 @@ impl Renderer {
                         path: path.clone(),
                         template: file.template.clone(),
                         mode: file.mode_bits(),
+                        owner: file.owner.clone(),
                     },
                     source,
                 ));
@@ -154,6 +158,7 @@ impl Renderer {
                     task: f.task.clone(),
                     path: f.path.clone(),
                     mode: f.mode,
+                    owner: f.owner.clone(),
                     sha256: sha256_hex(contents.as_bytes()),
                     contents,
                 })

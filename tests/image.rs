@@ -79,17 +79,18 @@ fn prepare_image_removes_exactly_the_instance_identity() {
     let left = files(root.path());
     let kept: BTreeSet<String> = KEPT.iter().map(|p| p.to_string()).collect();
     assert_eq!(left, kept, "the identity and nothing else is gone");
-    assert!(
-        root.path().join("var/lib/ecs/data").is_dir(),
-        "the agent's directory stays"
-    );
+    // Directories are emptied, never removed: they may be mount points (StateDirectory=),
+    // belong to a package, or to a task's image user.
+    for dir in ["var/lib/ecs/data", "var/lib/nodeagent", "opt/consul/data"] {
+        assert!(root.path().join(dir).is_dir(), "{dir} stays");
+    }
     assert_eq!(
         std::fs::read_to_string(root.path().join("etc/ecs/ecs.config")).unwrap(),
         "# site settings\nECS_LOGLEVEL=debug\nECS_RESERVED_MEMORY=256\n",
         "only nodeagent's keys go"
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("removed /opt/consul/data\n"), "{stdout}");
+    assert!(stdout.contains("removed /opt/consul/data/node-id\n"), "{stdout}");
     assert!(
         stdout.contains("removed /etc/ecs/ecs.config: ECS_CLUSTER"),
         "{stdout}"

@@ -78,6 +78,11 @@ pub struct Supervision {
     pub stop_grace: Duration,
     /// Lines of a crash-looping task's output written to the log.
     pub log_lines: usize,
+    /// `READY=1` once every task is first healthy, or at the latest this long after
+    /// supervision began — then as a degraded node, so systemd does not restart-loop an agent
+    /// whose task keeps failing (it keeps retrying, self-heals and drains).
+    #[serde(with = "humantime_serde")]
+    pub ready_timeout: Duration,
 }
 
 /// The status API (`nodeagent status`, `GET /v1/status`).
@@ -279,6 +284,9 @@ pub struct File {
     pub template: String,
     /// Octal permission bits, e.g. "0644".
     pub mode: String,
+    /// Who owns the file: `UID:GID` ("100:1000"), or a user (and `:GROUP`) of the host's
+    /// /etc/passwd; default root. For images that run as a non-root user.
+    pub owner: Option<String>,
     /// How values are escaped; defaults from the file's extension (.json, .yaml/.yml, .sh).
     pub format: Option<Format>,
 }
@@ -503,6 +511,11 @@ impl Settings {
         if sup.backoff_initial.is_zero() || sup.backoff_max < sup.backoff_initial {
             problems.push("supervision: backoff_initial must be > 0 and <= backoff_max".into());
         }
+        if sup.ready_timeout.is_zero() || sup.ready_timeout > Duration::from_secs(600) {
+            problems.push(
+                "supervision.ready_timeout must be > 0 and at most 10m (readiness must not wait forever on a failing task)".into(),
+            );
+        }
         if sup.reconcile_interval.is_zero() || sup.crash_loop_restarts == 0 {
             problems
                 .push("supervision: reconcile_interval and crash_loop_restarts must be > 0".into());
@@ -543,6 +556,13 @@ impl Settings {
                         "{at}.mode = {:?}: expected octal permission bits such as \"0644\"",
                         file.mode
                     ));
+                }
+                if let Some(owner) = &file.owner {
+                    if !valid_owner(owner) {
+                        problems.push(format!(
+                            "{at}.owner = {owner:?}: expected UID:GID such as \"100:1000\", or USER[:GROUP] of the host's /etc/passwd"
+                        ));
+                    }
                 }
                 let t = &file.template;
                 if !(t.starts_with(BUILTIN_PREFIX) || t.starts_with('/')) {
@@ -679,6 +699,46 @@ fn check_env_line(key: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether a key's name says its value is a credential (`ECS_ENGINE_AUTH_DATA`,
+/// `CONSUL_HTTP_TOKEN`, `DD_API_KEY`, `vars.gossip_encrypt`, …).
+pub fn looks_secret(key: &str) -> bool {
+    let last = key
+        .rsplit('.')
+        .next()
+        .unwrap_or_default()
+        .trim_matches('"')
+        .to_uppercase();
+    let words = [
+        "SECRET",
+        "PASSWORD",
+        "PASSWD",
+        "TOKEN",
+        "AUTH",
+        "CREDENTIAL",
+        "PRIVATE",
+        "ENCRYPT",
+    ];
+    words.iter().any(|w| last.contains(w)) || (last != "KEY" && last.ends_with("KEY"))
+}
+
+/// `UID[:GID]` or `USER[:GROUP]` (names as useradd takes them).
+fn valid_owner(owner: &str) -> bool {
+    let part = |p: &str| {
+        !p.is_empty()
+            && (p.chars().all(|c| c.is_ascii_digit())
+                || (p
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                    && p.chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-".contains(c))))
+    };
+    match owner.split_once(':') {
+        Some((u, g)) => part(u) && part(g),
+        None => part(owner),
+    }
+}
+
 fn parse_mode(mode: &str) -> Option<u32> {
     let digits = mode.strip_prefix("0o").unwrap_or(mode);
     if digits.is_empty() || digits.len() > 4 {
@@ -796,6 +856,28 @@ mod tests {
             "/usr/lib",
         ] {
             assert!(check_state_dir(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn secret_looking_keys() {
+        for key in [
+            "ecs.config.ECS_ENGINE_AUTH_DATA",
+            "tasks.x.container.env.CONSUL_HTTP_TOKEN",
+            "tasks.x.container.env.DD_API_KEY",
+            "vars.gossip_encrypt",
+            "vars.db_password",
+            "vars.\"private-key\"",
+        ] {
+            assert!(looks_secret(key), "{key}");
+        }
+        for key in [
+            "consul.server_tag.key",
+            "cluster",
+            "ecs.config.ECS_ENABLE_CONTAINER_METADATA",
+            "vars.keyspace",
+        ] {
+            assert!(!looks_secret(key), "{key}");
         }
     }
 }

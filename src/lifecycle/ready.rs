@@ -191,6 +191,7 @@ mod tests {
                 restarts: 0,
                 instance: None,
                 last_exit: None,
+                last_output: None,
                 health: None,
                 health_latency: None,
                 adopted: false,

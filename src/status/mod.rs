@@ -103,6 +103,9 @@ pub struct Task {
     /// Container id or task ARN of the current instance.
     pub instance: Option<String>,
     pub last_exit: Option<Exit>,
+    /// The last lines the instance that last ended wrote (`null` until one ended): why a
+    /// failing task fails.
+    pub last_output: Option<String>,
     /// Last health-check result: "ok" or why it failed; `null` before the first check or for
     /// a task without one.
     pub health: Option<String>,
@@ -244,6 +247,7 @@ impl Board {
                         code: e.code,
                         reason: e.reason.clone(),
                     }),
+                    last_output: t.last_output.clone(),
                     health: t.health.clone(),
                     health_latency_ms: t.health_latency.map(ms),
                     adopted: t.adopted,
@@ -396,6 +400,16 @@ impl NodeStatus {
                 &["TASK", "STATE", "FOR", "RESTARTS", "LAST EXIT", "HEALTH"],
                 &rows,
             ));
+            // Why a failing task fails: what it wrote before it last ended.
+            for t in self.tasks.iter().filter(|t| t.state != "healthy") {
+                let Some(output) = t.last_output.as_deref().map(str::trim_end) else {
+                    continue;
+                };
+                let _ = writeln!(out, "\n{} ({}) last wrote:", t.name, t.state);
+                for line in output.lines() {
+                    let _ = writeln!(out, "  {line}");
+                }
+            }
         }
         if !self.files.is_empty() {
             let rows: Vec<[String; 3]> = self
@@ -539,7 +553,14 @@ mod tests {
             code: Some(3),
             reason: "exited".into(),
         });
+        s.tasks[1].last_output = Some("==> Error reading '/etc/linkerd/linkerd.yaml'\n".into());
+        s.tasks[0].last_output = Some("an old death of a task now healthy\n".into());
         let table = s.table(SystemTime::now());
+        assert!(
+            table.contains("\nlinkerd (crash-loop) last wrote:\n  ==> Error reading '/etc/linkerd/linkerd.yaml'\n"),
+            "{table}"
+        );
+        assert!(!table.contains("an old death"), "{table}");
         assert!(
             table.contains("TASK          STATE       FOR  RESTARTS  LAST EXIT   HEALTH"),
             "{table}"

@@ -1,43 +1,64 @@
 //! Notify: owns what the service manager is told, derived from the [`NodeStatus`] at every
 //! change (the board calls [`Notifier::observe`] synchronously, so no phase is skipped): the
-//! status line, `READY=1` once (when every task is first healthy), start-timeout extensions
-//! while the start-up waits on something outside, and watchdog pings only while the
-//! supervision loop answers.
+//! status line, `READY=1` once, start-timeout extensions until then, and watchdog pings only
+//! while the supervision loop answers.
+//!
+//! Readiness comes when every task is first healthy, or at the latest
+//! `supervision.ready_timeout` after supervision began: a node whose task keeps failing is
+//! then ready as a *degraded* node (`STATUS=degraded: …` naming the failing tasks). It must
+//! not stay "activating": systemd would kill it at `TimeoutStartSec=` over and over (resetting
+//! its crash-loop counters, so self-healing never fires) and would skip `ExecStop` — the drain
+//! — for a unit that never started. Until then every phase extends the start timeout, so the
+//! boot's own waits (bounded by `consul.discovery_timeout`, `ecs.agent_timeout`) and the
+//! ready timeout decide, not `TimeoutStartSec=`.
 
 use super::{Board, NodeStatus};
 use crate::supervisor::Liveness;
 use crate::systemd::{Notice, ServiceManager};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// Each extension asks for this much more start-up time; one is sent at every change while
-/// waiting and at least every third of it.
+/// Each extension asks for this much more start-up time; one is sent at every change before
+/// readiness and at least every third of it.
 pub const EXTEND_BY: Duration = Duration::from_secs(30);
-/// Once the tasks run, waiting for them to turn healthy extends the start-up this long at
-/// most; after that `TimeoutStartSec=` decides. (The boot's own waits are bounded by their
-/// timeouts: `consul.discovery_timeout`, `ecs.agent_timeout`.)
-pub const TASKS_EXTEND_AT_MOST: Duration = Duration::from_secs(600);
+
+/// The status line of a node that is ready but not healthy starts with this.
+pub const DEGRADED: &str = "degraded: ";
 
 pub struct Notifier {
     manager: Arc<dyn ServiceManager>,
     state: Mutex<Sent>,
 }
 
-#[derive(Default)]
 struct Sent {
     status: String,
     ready: bool,
     extended: Option<Instant>,
     supervising_since: Option<Instant>,
+    ready_timeout: Duration,
 }
 
 impl Notifier {
-    pub fn new(manager: Arc<dyn ServiceManager>) -> Notifier {
+    /// `ready_timeout`: `supervision.ready_timeout` (the boot may still change it, see
+    /// [`Notifier::set_ready_timeout`]).
+    pub fn new(manager: Arc<dyn ServiceManager>, ready_timeout: Duration) -> Notifier {
         Notifier {
             manager,
-            state: Mutex::default(),
+            state: Mutex::new(Sent {
+                status: String::new(),
+                ready: false,
+                extended: None,
+                supervising_since: None,
+                ready_timeout,
+            }),
         }
+    }
+
+    /// The final `supervision.ready_timeout` (instance layers may set it).
+    pub fn set_ready_timeout(&self, ready_timeout: Duration) {
+        self.sent().ready_timeout = ready_timeout;
     }
 
     /// The status changed.
@@ -45,38 +66,65 @@ impl Notifier {
         self.notify(status, false);
     }
 
-    /// Until the agent is ready, re-sends the extension in time, also when nothing changes.
+    /// Until the agent is ready: re-sends the extension in time, also when nothing changes,
+    /// and declares a degraded node ready when its ready timeout is over.
     pub async fn keep_extending(self: Arc<Self>, board: Board) {
         loop {
-            tokio::time::sleep(EXTEND_BY / 3).await;
-            if self.state.lock().unwrap_or_else(|p| p.into_inner()).ready {
-                return;
-            }
+            let wake = {
+                let sent = self.sent();
+                if sent.ready {
+                    return;
+                }
+                let next = Instant::now() + EXTEND_BY / 3;
+                match sent.supervising_since {
+                    Some(t) => next.min(t + sent.ready_timeout),
+                    None => next,
+                }
+            };
+            tokio::time::sleep_until(wake).await;
             self.notify(&board.snapshot(), true);
         }
     }
 
+    fn sent(&self) -> std::sync::MutexGuard<'_, Sent> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn notify(&self, status: &NodeStatus, tick: bool) {
-        let mut sent = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sent = self.sent();
         if status.phase == "stopping" {
             return; // said by the caller, with STOPPING=1
         }
+        let now = Instant::now();
         if status.phase == "supervise" && sent.supervising_since.is_none() {
-            sent.supervising_since = Some(Instant::now());
+            sent.supervising_since = Some(now);
         }
-        let text = status.summary();
-        let changed = text != sent.status;
         let mut notices = Vec::new();
-        if !sent.ready && status.healthy {
-            sent.ready = true;
-            notices.push(Notice::Ready);
-            info!(status = %text, "ready: every task is healthy");
-        } else if !sent.ready
-            && waiting_outside(status, sent.supervising_since)
-            && (changed || (tick && sent.extended.is_none_or(|t| t.elapsed() >= EXTEND_BY / 3)))
-        {
+        if !sent.ready {
+            let timed_out = sent
+                .supervising_since
+                .is_some_and(|t| now >= t + sent.ready_timeout);
+            if status.healthy {
+                sent.ready = true;
+                notices.push(Notice::Ready);
+                info!(status = %status.summary(), "ready: every task is healthy");
+            } else if timed_out {
+                sent.ready = true;
+                notices.push(Notice::Ready);
+                warn!(status = %status.summary(), "ready as a degraded node: not every task is healthy {:?} after supervision began ({}); nodeagent keeps retrying them", sent.ready_timeout, status.summary());
+            }
+        }
+        let text = match status.summary() {
+            line if sent.ready && !status.healthy && status.phase == "supervise" => {
+                format!("{DEGRADED}{line}")
+            }
+            line => line,
+        };
+        let changed = text != sent.status;
+        let extend_due = sent.extended.is_none_or(|t| now >= t + EXTEND_BY / 3);
+        if !sent.ready && (changed || (tick && extend_due)) {
             notices.push(Notice::ExtendTimeout(EXTEND_BY));
-            sent.extended = Some(Instant::now());
+            sent.extended = Some(now);
         }
         if changed {
             notices.push(Notice::Status(text.clone()));
@@ -86,20 +134,6 @@ impl Notifier {
             self.manager.notify(&notices);
         }
     }
-}
-
-/// Before readiness, the start-up is waiting on something outside nodeagent (IMDS, the Consul
-/// servers, the ECS agent, tasks coming up) rather than failing: a task `unhealthy` or in
-/// `crash-loop` is failing, and tasks get [`TASKS_EXTEND_AT_MOST`] to come up.
-fn waiting_outside(status: &NodeStatus, supervising_since: Option<Instant>) -> bool {
-    if status.phase != "supervise" {
-        return true;
-    }
-    let failing = status
-        .tasks
-        .iter()
-        .any(|t| t.state == "crash-loop" || t.state == "unhealthy");
-    !failing && supervising_since.is_none_or(|t| t.elapsed() < TASKS_EXTEND_AT_MOST)
 }
 
 /// Pings the watchdog every `WATCHDOG_USEC / 2` while the supervision loop answers within
@@ -154,12 +188,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn every_phase_is_told_ready_once_and_failing_tasks_do_not_extend() {
+    fn notifier(ready_timeout: Duration) -> (Arc<Recorder>, Arc<Notifier>, Board) {
         let recorder = Arc::new(Recorder::default());
-        let notifier = Arc::new(Notifier::new(recorder.clone()));
+        let notifier = Arc::new(Notifier::new(recorder.clone(), ready_timeout));
         let observer = notifier.clone();
         let board = Board::new("c", "docker", Some(Arc::new(move |s| observer.observe(s))));
+        (recorder, notifier, board)
+    }
+
+    fn texts(sent: &[Vec<Notice>]) -> Vec<String> {
+        sent.iter()
+            .flatten()
+            .filter_map(|x| match x {
+                Notice::Status(s) => Some(s.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_phase_is_told_and_ready_comes_once_every_task_is_healthy() {
+        let (recorder, _notifier, board) = notifier(Duration::from_secs(120));
         for phase in ["join", "discover", "render"] {
             board.set_phase(phase);
         }
@@ -169,15 +218,8 @@ mod tests {
         board.update(|s| s.tasks = vec![task("healthy")]);
         board.update(|s| s.tasks = vec![task("unhealthy")]);
         let sent = recorder.0.lock().unwrap().clone();
-        let status = |n: &Vec<Notice>| {
-            n.iter().find_map(|x| match x {
-                Notice::Status(s) => Some(s.clone()),
-                _ => None,
-            })
-        };
-        let texts: Vec<String> = sent.iter().filter_map(status).collect();
         assert_eq!(
-            texts,
+            texts(&sent),
             [
                 "reading instance metadata",
                 "joining ECS cluster c",
@@ -186,12 +228,14 @@ mod tests {
                 "0/1 tasks healthy; linkerd starting",
                 "0/1 tasks healthy; linkerd crash-loop",
                 "1/1 tasks healthy",
-                "0/1 tasks healthy; linkerd unhealthy",
+                "degraded: 0/1 tasks healthy; linkerd unhealthy",
             ]
         );
         let extends = |i: usize| sent[i].contains(&Notice::ExtendTimeout(EXTEND_BY));
-        assert!((0..5).all(extends), "waiting: {sent:?}");
-        assert!(!extends(5), "crash-loop is failing, not waiting: {sent:?}");
+        assert!(
+            (0..6).all(extends),
+            "before READY every change extends: {sent:?}"
+        );
         assert_eq!(sent[6][0], Notice::Ready);
         assert!(!extends(7), "after READY nothing extends");
         assert_eq!(
@@ -200,6 +244,63 @@ mod tests {
                 .filter(|n| **n == Notice::Ready)
                 .count(),
             1
+        );
+    }
+
+    /// A task that never turns healthy: the unit must not stay "activating" (systemd would
+    /// kill and restart the agent at TimeoutStartSec for ever, and skip the drain at
+    /// shutdown). READY=1 comes `ready_timeout` after supervision began, STATUS says
+    /// degraded and names the task; until then the start timeout is extended.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_never_gets_healthy_is_ready_degraded_after_the_ready_timeout() {
+        let (recorder, notifier, board) = notifier(Duration::from_secs(300));
+        notifier.set_ready_timeout(Duration::from_secs(120));
+        let extender = tokio::spawn(notifier.clone().keep_extending(board.clone()));
+        board.set_phase("discover");
+        tokio::time::sleep(Duration::from_secs(200)).await; // a slow boot: extended throughout
+        let boot = recorder.0.lock().unwrap().clone();
+        let extensions = boot
+            .iter()
+            .filter(|n| n.contains(&Notice::ExtendTimeout(EXTEND_BY)))
+            .count();
+        assert!(
+            extensions >= 20,
+            "an extension at least every 10 s: {boot:?}"
+        );
+
+        board.update(|s| s.tasks = vec![task("crash-loop")]);
+        board.set_phase("supervise");
+        tokio::time::sleep(Duration::from_secs(119)).await;
+        assert!(
+            !recorder
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .flatten()
+                .any(|n| *n == Notice::Ready),
+            "not before the ready timeout"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        extender.await.unwrap(); // done once ready
+        let sent = recorder.0.lock().unwrap().clone();
+        let ready = sent
+            .iter()
+            .position(|n| n.contains(&Notice::Ready))
+            .unwrap();
+        assert_eq!(
+            texts(&sent[ready..]),
+            ["degraded: 0/1 tasks healthy; linkerd crash-loop"]
+        );
+        assert!(
+            sent[ready + 1..].is_empty(),
+            "nothing more once ready: {:?}",
+            &sent[ready..]
+        );
+        board.update(|s| s.tasks = vec![task("healthy")]);
+        assert_eq!(
+            texts(&recorder.0.lock().unwrap()).last().unwrap(),
+            "1/1 tasks healthy"
         );
     }
 }

@@ -134,6 +134,8 @@ pub struct TaskStatus {
     pub restarts: u64,
     pub instance: Option<String>,
     pub last_exit: Option<Exit>,
+    /// The last lines the instance that last ended wrote (`supervision.log_lines`).
+    pub last_output: Option<String>,
     pub health: Option<String>,
     /// How long the last health check took.
     pub health_latency: Option<Duration>,
@@ -165,6 +167,7 @@ struct Slot {
     last_probe: Option<String>,
     last_probe_took: Option<Duration>,
     last_exit: Option<Exit>,
+    last_output: Option<String>,
     next_start: Option<Instant>,
     next_probe: Option<Instant>,
     busy: bool,
@@ -183,6 +186,13 @@ enum Job {
     Started(usize, anyhow::Result<Instance>),
     Probed(usize, String, Duration, Result<(), String>),
     Stopped(usize, String),
+    /// The output of the instance that ended; `log`: write it to the log too (the task just
+    /// entered crash-loop).
+    Output {
+        slot: usize,
+        text: anyhow::Result<String>,
+        log: bool,
+    },
     /// A held task's instance was stopped.
     Held(usize, anyhow::Result<()>),
 }
@@ -270,6 +280,7 @@ impl Supervisor {
                 last_probe: None,
                 last_probe_took: None,
                 last_exit: None,
+                last_output: None,
                 next_start: Some(Instant::now()),
                 next_probe: None,
                 busy: false,
@@ -543,6 +554,24 @@ impl Supervisor {
                 self.on_probe(i, result, jobs);
             }
             Job::Stopped(i, id) => debug!(task = %self.slots[i].spec.name, %id, "done"),
+            Job::Output { slot, text, log } => {
+                let slot = &mut self.slots[slot];
+                let name = &slot.spec.name;
+                match text {
+                    Ok(tail) => {
+                        if log {
+                            warn!(task = %name, "{name}: last output of the crash-looping task:\n{tail}");
+                        }
+                        slot.last_output = Some(tail);
+                    }
+                    Err(e) if log => {
+                        warn!(task = %name, "{name}: cannot read the crash-looping task's output: {e:#}")
+                    }
+                    Err(e) => {
+                        debug!(task = %name, "cannot read the output of the instance that ended: {e:#}")
+                    }
+                }
+            }
         }
     }
 
@@ -711,22 +740,29 @@ impl Supervisor {
         slot.restarts += 1;
         slot.recent.push_back(now);
         let crash_loop = crash_looping(slot, &policy);
-        if crash_loop && slot.state != State::CrashLoop {
-            let runtime = self.runtime.clone();
-            let (name, lines, dead) = (slot.spec.name.clone(), policy.log_lines, dead.clone());
-            jobs.spawn(async move {
-                match runtime.output_tail(&dead, lines).await {
-                    Ok(tail) => warn!(task = %name, "{name}: last output of the crash-looping task:\n{tail}"),
-                    Err(e) => warn!(task = %name, "{name}: cannot read the crash-looping task's output: {e:#}"),
-                }
-                Job::Stopped(i, String::new())
-            });
+        let entering = crash_loop && slot.state != State::CrashLoop;
+        // What it wrote last, for `nodeagent status` (and the log when it starts looping);
+        // read now, before the dead instance is removed.
+        let runtime = self.runtime.clone();
+        let (lines, tail_of) = (policy.log_lines, dead.clone());
+        jobs.spawn(async move {
+            Job::Output {
+                slot: i,
+                text: runtime.output_tail(&tail_of, lines).await,
+                log: entering,
+            }
+        });
+        if entering {
             warn!(
                 task = %slot.spec.name,
                 restarts = slot.recent.len(),
                 window = ?policy.crash_loop_window,
                 code = ?exit.code,
-                "crash-loop: the task keeps dying; retrying at most every {:?}",
+                "{}: crash-loop: {} restarts within {:?}, last {}; retrying at most every {:?}",
+                slot.spec.name,
+                slot.recent.len(),
+                policy.crash_loop_window,
+                exit.code.map_or(exit.reason.clone(), |c| format!("exit code {c}")),
                 policy.backoff_max
             );
         } else {
@@ -864,6 +900,7 @@ impl Supervisor {
                 restarts: s.restarts,
                 instance: s.instance.as_ref().map(|i| i.id.clone()),
                 last_exit: s.last_exit.clone(),
+                last_output: s.last_output.clone(),
                 health: s.last_probe.clone(),
                 health_latency: s.last_probe_took,
                 adopted: s.adopted,
