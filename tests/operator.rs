@@ -7,13 +7,12 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixDatagram;
-use std::path::Path;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 use support::agent::{consul_http, docker_config, Agent, Ports};
 use support::docker::{free_port, Engine};
+use support::notify::Listener;
 use support::World;
 
 const SLEEPER: &str = r#"["sleep", "100000"]"#;
@@ -255,59 +254,6 @@ fn a_crash_looping_task_makes_status_exit_1_and_shows_why() {
     assert!(t["restarts"].as_u64().unwrap() >= 3, "{t}");
     assert_eq!(t["last_exit"]["code"], 3, "{t}");
     assert_eq!(task(&s, "linkerd")["state"], "healthy");
-}
-
-/// Every datagram received on a socket, with when it arrived.
-type Received = Arc<Mutex<Vec<(Instant, Vec<u8>)>>>;
-
-struct Listener {
-    got: Received,
-}
-
-impl Listener {
-    fn bind(path: &Path) -> Listener {
-        let socket = UnixDatagram::bind(path).unwrap();
-        let got: Received = Arc::default();
-        let sink = got.clone();
-        std::thread::spawn(move || {
-            let mut buf = vec![0u8; 1 << 20];
-            while let Ok(n) = socket.recv(&mut buf) {
-                sink.lock()
-                    .unwrap()
-                    .push((Instant::now(), buf[..n].to_vec()));
-            }
-        });
-        Listener { got }
-    }
-
-    fn datagrams(&self) -> Vec<Vec<u8>> {
-        self.got
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|(_, d)| d.clone())
-            .collect()
-    }
-
-    fn messages(&self) -> Vec<(Instant, String)> {
-        let got = self.got.lock().unwrap();
-        got.iter()
-            .map(|(t, d)| (*t, String::from_utf8_lossy(d).into_owned()))
-            .collect()
-    }
-
-    fn texts(&self) -> Vec<String> {
-        self.messages().into_iter().map(|(_, m)| m).collect()
-    }
-
-    /// The last message once `STOPPING=1` has been read. The agent queued
-    /// its datagrams before it exited, but the reading thread may lag.
-    fn last_after_stopping(&self) -> String {
-        wait_for(Duration::from_secs(5), "STOPPING=1 to be read", || {
-            self.texts().iter().any(|m| m.starts_with("STOPPING=1\n"))
-        });
-        self.texts().last().cloned().unwrap()
-    }
 }
 
 /// SIGCONTs the engine whatever happens, so it can be stopped.

@@ -35,10 +35,22 @@ impl Agent {
         name: &str,
         customize: impl FnOnce(&mut Command),
     ) -> Agent {
+        let config = config.to_str().unwrap();
+        Agent::spawn(world, docker, &["run", "--config", config], name, customize)
+    }
+
+    /// `nodeagent ARGS... --root ROOT` wired to `world`, `docker` its engine, its log in
+    /// `ROOT/NAME.log`.
+    pub fn spawn(
+        world: &World,
+        docker: &str,
+        args: &[&str],
+        name: &str,
+        customize: impl FnOnce(&mut Command),
+    ) -> Agent {
         let log = world.root.path().join(format!("{name}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodeagent"));
-        cmd.args(["run", "--config"])
-            .arg(config)
+        cmd.args(args)
             .arg("--root")
             .arg(world.root.path())
             .env("DOCKER_HOST", docker)

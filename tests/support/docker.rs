@@ -57,6 +57,23 @@ impl Engine {
         engine
     }
 
+    /// A running engine with the stand-ins of the foundational images
+    /// (`tests/world/standins.sh`), under the real images' names.
+    pub fn with_standins() -> Engine {
+        let engine = Engine::start();
+        let out = Command::new("bash")
+            .arg(super::repo().join("tests/world/standins.sh"))
+            .args(["build", &engine.socket])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run tests/world/standins.sh");
+        assert!(
+            out.status.success(),
+            "tests/world/standins.sh build failed: the node tests need the stand-in images"
+        );
+        engine
+    }
+
     /// An engine directory with nothing running in it yet: `socket` is where the engine will
     /// listen once `up()` starts it; `image` is empty until then.
     pub fn stopped() -> Engine {
@@ -138,6 +155,21 @@ impl Engine {
             "sleep",
             "100000",
         ])
+    }
+
+    /// What a container wrote, stdout and stderr.
+    pub fn logs(&self, id: &str) -> String {
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(&self.socket)
+            .args(["logs", id])
+            .output()
+            .expect("run the docker CLI");
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
     }
 
     /// The docker CLI pointed at this engine.

@@ -6,6 +6,9 @@
 
 pub mod agent;
 pub mod docker;
+pub mod netns;
+pub mod node;
+pub mod notify;
 
 use serde::Deserialize;
 use std::io::{BufRead, BufReader};
@@ -122,8 +125,17 @@ impl World {
         cmd
     }
 
-    /// The environment that points the AWS SDK and the IMDS client at this world.
+    /// The environment that points the AWS SDK and the IMDS client at this world; the umask
+    /// of nodeagent.service (`UMask=0027`), so a mode nodeagent forgets to set shows.
     pub fn wire(&self, cmd: &mut Command) {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: umask(2) is async-signal-safe and touches nothing but the child's mask.
+        unsafe {
+            cmd.pre_exec(|| {
+                rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o027));
+                Ok(())
+            });
+        }
         cmd.env("AWS_ENDPOINT_URL", &self.info.moto_url)
             .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", &self.info.imds_url)
             .env("AWS_REGION", &self.info.region)
@@ -235,6 +247,24 @@ impl World {
             .unwrap();
     }
 
+    /// The autoscaling health of this node's instance (`Healthy`, `Unhealthy`), from a
+    /// synchronous test.
+    pub fn instance_health(&self) -> Option<String> {
+        block_on(async {
+            let asg = aws_sdk_autoscaling::Client::new(&self.sdk().await);
+            let out = asg
+                .describe_auto_scaling_instances()
+                .instance_ids(&self.info.instance_id)
+                .send()
+                .await
+                .ok()?;
+            out.auto_scaling_instances()
+                .first()?
+                .health_status()
+                .map(str::to_string)
+        })
+    }
+
     /// A call to the world's control API.
     pub async fn control(
         &self,
@@ -261,6 +291,15 @@ impl Drop for World {
     }
 }
 
+/// Runs a future to completion from a synchronous test.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(f)
+}
+
 /// stdout + stderr of a finished nodeagent, for assertion messages.
 pub fn transcript(out: &Output) -> String {
     format!(
@@ -268,6 +307,14 @@ pub fn transcript(out: &Output) -> String {
         out.status.code(),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Polls `cond` every 50 ms for up to `limit`; panics naming `what` when it never holds.
+pub fn wait_for(limit: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        eventually(limit, cond),
+        "timed out after {limit:?} waiting for {what}"
+    );
 }
 
 /// Polls `cond` every 50 ms for up to `limit`.

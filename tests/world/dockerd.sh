@@ -38,6 +38,15 @@
 #                               PID 1 ignores SIGTERM (busybox httpd/sleep as PID 1
 #                               do, unless run with --init) costs ~10 s per stop.
 #   NODEAGENT_DOCKERD_LOG_LEVEL dockerd --log-level (default info)
+#   NODEAGENT_DOCKERD_NODE_ROOT=DIR  the engine is a node's: dockerd runs in a mount
+#                               namespace of its own in which each of the node's paths
+#                               (NODEAGENT_DOCKERD_NODE_PATHS, default "/opt /etc/linkerd")
+#                               is DIR's, and /run a fresh tmpfs where it also listens on
+#                               /run/docker.sock — so a bind mount of /opt/consul/config or
+#                               /var/run/docker.sock asked by a container running on the
+#                               node (a systemd node container nodeagent runs in) is the
+#                               node's. The host's /etc/linkerd is made (empty) as a mount
+#                               point when missing. Only for a new engine.
 #
 # DIR must be short (<= 64 bytes once made absolute): unix socket paths such as
 # DIR/exec/containerd/containerd.sock.ttrpc are limited to 107 bytes.
@@ -51,6 +60,8 @@ START_TIMEOUT="${NODEAGENT_DOCKERD_TIMEOUT:-30}"
 STOP_TIMEOUT="${NODEAGENT_DOCKERD_STOP_TIMEOUT:-20}"
 KILL_CONTAINERS="${NODEAGENT_DOCKERD_KILL_CONTAINERS:-0}"
 LOG_LEVEL="${NODEAGENT_DOCKERD_LOG_LEVEL:-info}"
+NODE_ROOT="${NODEAGENT_DOCKERD_NODE_ROOT:-}"
+NODE_PATHS="${NODEAGENT_DOCKERD_NODE_PATHS:-/opt /etc/linkerd}"
 MAX_DIR_LEN=64
 
 # The CLI must talk to the socket we give it with -H, whatever the caller's env says.
@@ -239,7 +250,22 @@ cmd_start() {
     {
       echo "===== $(date -u +%FT%TZ) dockerd.sh start ====="
     } >>"$logf"
-    setsid dockerd \
+    # A node's engine: its own mount namespace, with the node's paths (see the header).
+    local wrap=() more=()
+    if [ -n "$NODE_ROOT" ]; then
+      # shellcheck disable=SC2016 # expanded by the inner shell
+      wrap=(unshare --mount --propagation private -- sh -ec '
+        root=$1; shift
+        for p in $NODE_PATHS; do
+          mkdir -p "$root$p" "$p"
+          mount --bind "$root$p" "$p"
+        done
+        mount -t tmpfs -o mode=0755 tmpfs /run
+        exec "$@"' sh "$NODE_ROOT")
+      more=(-H unix:///run/docker.sock)
+      export NODE_PATHS
+    fi
+    setsid "${wrap[@]}" dockerd "${more[@]}" \
       --config-file "$dir/daemon.json" \
       --data-root "$dir/data" \
       --exec-root "$dir/exec" \

@@ -1,0 +1,42 @@
+//! A network namespace of the test's own: the test runs again, alone, in a child process made
+//! with `unshare --net`, whose loopback is its own. Everything it starts there — the world, a
+//! Docker engine and the containers of its host network, nodeagent — shares that loopback, so
+//! the stand-in images can listen on the real images' fixed ports (Consul 8500, linkerd 9990)
+//! while other tests do the same in parallel, and only loopback addresses are ever used.
+
+use std::process::Command;
+
+/// Set in the child: the test is already in its own namespace.
+const INSIDE: &str = "NODEAGENT_TEST_NETNS";
+
+/// Call first in a test, with the test's name: `false` in the test as cargo started it (the
+/// test has then run, and passed, in its own namespace: return), `true` inside (go on).
+pub fn enter(test: &str) -> bool {
+    if std::env::var_os(INSIDE).is_some() {
+        return true;
+    }
+    let out = Command::new("unshare")
+        .args([
+            "--net",
+            "--",
+            "sh",
+            "-c",
+            "ip link set lo up && exec \"$@\"",
+            "sh",
+        ])
+        .arg(std::env::current_exe().expect("the test binary"))
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(INSIDE, test)
+        .output()
+        .expect("run unshare (util-linux): these tests need network namespaces (root)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "{test}, run in its own network namespace, failed ({}):\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        out.status
+    );
+    // Shown with --nocapture, and for a failure elsewhere in the test.
+    println!("{stdout}");
+    false
+}
