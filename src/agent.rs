@@ -1,7 +1,6 @@
 //! ECS container agent boundary: owns the requests to the agent's local introspection API
 //! (`GET /v1/metadata`, by default on http://localhost:51678).
 
-use anyhow::Context;
 use async_trait::async_trait;
 use serde::Deserialize;
 use std::time::Duration;
@@ -33,17 +32,12 @@ pub struct HttpAgent {
 
 impl HttpAgent {
     /// `base` is the introspection URL, e.g. "http://localhost:51678".
-    pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            // Loopback API: never through a proxy from the environment.
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(2))
-            .build()
-            .context("cannot build the HTTP client for the ECS agent")?;
+    pub fn new(base: &url::Url) -> anyhow::Result<Self> {
+        let http =
+            crate::http::local_client(Duration::from_millis(500), Some(Duration::from_secs(2)))?;
         Ok(HttpAgent {
             http,
-            url: format!("{}/v1/metadata", base.trim_end_matches('/')),
+            url: format!("{}/v1/metadata", base.as_str().trim_end_matches('/')),
         })
     }
 }

@@ -26,16 +26,10 @@ pub struct HttpConsul {
 }
 
 impl HttpConsul {
-    pub fn new(base: &str) -> anyhow::Result<Self> {
-        let http = reqwest::Client::builder()
-            // Loopback API: never through a proxy from the environment.
-            .no_proxy()
-            .connect_timeout(Duration::from_millis(500))
-            .build()
-            .context("cannot build the HTTP client for the Consul agent")?;
+    pub fn new(base: &url::Url) -> anyhow::Result<Self> {
         Ok(HttpConsul {
-            http,
-            base: base.trim_end_matches('/').to_string(),
+            http: crate::http::local_client(Duration::from_millis(500), None)?,
+            base: base.as_str().trim_end_matches('/').to_string(),
         })
     }
 

@@ -324,18 +324,8 @@ impl ContainerInstance for SdkEcs {
         name: &str,
         value: &str,
     ) -> anyhow::Result<()> {
-        let attribute = attribute(container_instance, name, value)?;
-        let out = self
-            .client
-            .put_attributes()
-            .cluster(cluster)
-            .attributes(attribute)
-            .send()
-            .await;
-        self.calls.record(PUT_ATTRIBUTES, out.is_ok());
-        out.map(|_| ()).map_err(|e| anyhow!(describe(&e))).with_context(|| {
-            format!("{PUT_ATTRIBUTES} {name}={value} on {container_instance} failed; the instance role needs ecs:PutAttributes")
-        })
+        self.attribute(true, cluster, container_instance, name, value)
+            .await
     }
 
     async fn delete_attribute(
@@ -345,26 +335,58 @@ impl ContainerInstance for SdkEcs {
         name: &str,
         value: &str,
     ) -> anyhow::Result<()> {
+        self.attribute(false, cluster, container_instance, name, value)
+            .await
+    }
+}
+
+impl SdkEcs {
+    /// `PutAttributes` (`put`) or `DeleteAttributes` of `name=value` on `container_instance`;
+    /// deleting an attribute that is not there is not an error.
+    async fn attribute(
+        &self,
+        put: bool,
+        cluster: &str,
+        container_instance: &str,
+        name: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
         // ECS deletes by name; the value is given too, as emulators match on it.
         let attribute = attribute(container_instance, name, value)?;
-        let out = self
-            .client
-            .delete_attributes()
-            .cluster(cluster)
-            .attributes(attribute)
-            .send()
-            .await;
-        self.calls.record(DELETE_ATTRIBUTES, out.is_ok());
+        // (why it failed, and whether that means "not there")
+        let (op, out): (&str, Result<(), (String, bool)>) = if put {
+            let out = self
+                .client
+                .put_attributes()
+                .cluster(cluster)
+                .attributes(attribute)
+                .send()
+                .await;
+            (
+                PUT_ATTRIBUTES,
+                out.map(|_| ()).map_err(|e| (describe(&e), false)),
+            )
+        } else {
+            let out = self
+                .client
+                .delete_attributes()
+                .cluster(cluster)
+                .attributes(attribute)
+                .send()
+                .await;
+            let out = out.map(|_| ()).map_err(|e| {
+                let gone = e
+                    .as_service_error()
+                    .is_some_and(|s| s.is_target_not_found_exception());
+                (describe(&e), gone)
+            });
+            (DELETE_ATTRIBUTES, out)
+        };
+        self.calls.record(op, out.is_ok());
         match out {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_target_not_found_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(anyhow!(describe(&e))).with_context(|| {
-                format!("{DELETE_ATTRIBUTES} {name} on {container_instance} failed; the instance role needs ecs:DeleteAttributes")
+            Ok(()) | Err((_, true)) => Ok(()),
+            Err((why, false)) => Err(anyhow!(why)).with_context(|| {
+                format!("{op} {name} on {container_instance} failed; the instance role needs {op}")
             }),
         }
     }

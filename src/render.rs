@@ -109,7 +109,7 @@ impl Renderer {
                         family: task.family.to_string(),
                         path: path.clone(),
                         template: file.template.clone(),
-                        mode: file.mode_bits(),
+                        mode: file.mode.bits(),
                         owner: file.owner.clone(),
                     },
                     source,

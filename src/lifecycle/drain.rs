@@ -14,6 +14,7 @@
 use crate::asg::AutoScaling;
 use crate::consul::ConsulAgent;
 use crate::ecs::ContainerInstance;
+use crate::hostfs::{HostFs, Perms};
 use crate::imds::Imds;
 use crate::retry::jitter;
 use crate::supervisor::Control;
@@ -23,6 +24,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+/// Where a drain is recorded (its trigger), written when it begins: the node stays drained
+/// across agent restarts in this boot. A reboot clears it (a spot `stop` then start, a kernel
+/// update's `reboot`), so a node that comes back boots again instead of staying drained.
+pub const RECORD: &str = "/run/nodeagent/drain";
+/// nodeagent's runtime directory (this boot only; the status socket's default home).
+const RUNTIME_DIR: &str = "/run/nodeagent";
+
+/// Records that a drain began, for an agent that starts while it goes on.
+pub fn record(fs: &dyn HostFs, trigger: Trigger) -> std::io::Result<()> {
+    fs.create_dir_all(RUNTIME_DIR, Perms::mode(0o750))?;
+    fs.write_atomic(RECORD, trigger.name().as_bytes(), Perms::mode(0o644))
+        .map(|_| ())
+}
+
+/// Whether a drain began in this boot.
+pub fn recorded(fs: &dyn HostFs) -> bool {
+    fs.read(RECORD).ok().flatten().is_some()
+}
 
 /// The application tasks are checked this often while the drain waits for them.
 const TASKS_POLL: Duration = Duration::from_secs(2);

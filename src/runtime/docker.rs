@@ -5,10 +5,10 @@
 //! sharing an engine (tests) are left alone. nodeagent, not Docker's restart policy, restarts
 //! them.
 
+use super::{Exit, Instance, Runtime, RuntimeEvent};
 use crate::config::{Container, Settings};
 use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerEvent};
 use crate::hostfs::RootedFs;
-use crate::supervisor::{Exit, Instance, Runtime, RuntimeEvent};
 use anyhow::Context;
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;

@@ -11,10 +11,10 @@
 //! Deaths are seen early through the local Docker engine: the ECS agent labels each container
 //! with its task ARN, and a `die` of one of our tasks' containers triggers a `DescribeTasks`.
 
+use super::{Exit, Instance, Runtime, RuntimeEvent};
 use crate::docker::{Docker, DockerEvent};
 use crate::ecs::{Ecs, EcsTask, StartOutcome};
 use crate::retry::Backoff;
-use crate::supervisor::{Exit, Instance, Runtime, RuntimeEvent};
 use anyhow::{anyhow, bail};
 use async_trait::async_trait;
 use futures_util::stream::BoxStream;

@@ -1,15 +1,10 @@
-//! The status client: owns asking a running agent for its [`NodeStatus`] over its Unix socket
-//! (what `nodeagent status` does), and telling "no agent" apart from "an agent that did not
-//! answer" and from "an agent, degraded".
+//! The status client: owns asking a running agent over its Unix socket (what `nodeagent status`
+//! and `nodeagent drain` do), with reqwest's Unix-socket transport, and telling "no agent"
+//! apart from "an agent that did not answer".
 
 use super::NodeStatus;
-use http_body_util::{BodyExt, Empty};
-use hyper::body::Bytes;
-use hyper::Request;
-use hyper_util::rt::TokioIo;
 use std::path::Path;
 use std::time::Duration;
-use tokio::net::UnixStream;
 
 /// The whole exchange (request, answer) must fit in this.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -27,34 +22,13 @@ pub enum FetchError {
 
 /// Fetches `GET /v1/status` from the agent listening on `socket`.
 pub async fn fetch(socket: &Path) -> Result<NodeStatus, FetchError> {
-    let shown = socket.display();
-    let stream = connect(socket).await?;
-    match tokio::time::timeout(TIMEOUT, exchange(stream)).await {
-        Ok(Ok(status)) => Ok(status),
-        Ok(Err(e)) => Err(FetchError::NoAnswer(format!("{shown}: {e:#}"))),
-        Err(_) => Err(FetchError::NoAnswer(format!(
-            "{shown}: no answer within {TIMEOUT:?} (the agent is stuck: see journalctl -u nodeagent)"
-        ))),
-    }
-}
-
-async fn connect(socket: &Path) -> Result<UnixStream, FetchError> {
-    let shown = socket.display();
-    match UnixStream::connect(socket).await {
-        Ok(stream) => Ok(stream),
-        Err(e) => Err(match e.kind() {
-            std::io::ErrorKind::NotFound => FetchError::NotRunning(format!(
-                "{shown}: no socket (is nodeagent.service running?)"
-            )),
-            std::io::ErrorKind::ConnectionRefused => FetchError::NotRunning(format!(
-                "{shown}: connection refused (a socket left by a stopped agent)"
-            )),
-            std::io::ErrorKind::PermissionDenied => FetchError::NoAnswer(format!(
-                "{shown}: permission denied: run as root or as a member of group nodeagent"
-            )),
-            _ => FetchError::NoAnswer(format!("{shown}: {e}")),
-        }),
-    }
+    let response = request(socket, reqwest::Method::GET, "/v1/status").await?;
+    response.json().await.map_err(|e| {
+        FetchError::NoAnswer(format!(
+            "{}: GET /v1/status answered something that is not a status: {e}",
+            socket.display()
+        ))
+    })
 }
 
 /// `POST /v1/drain` to the agent on `socket`; `tasks_timeout` overrides how long it waits for
@@ -63,47 +37,65 @@ pub async fn request_drain(
     socket: &Path,
     tasks_timeout: Option<Duration>,
 ) -> Result<(), FetchError> {
-    let shown = socket.display();
-    let stream = connect(socket).await?;
     let path = match tasks_timeout {
-        Some(t) => format!("/v1/drain?tasks_timeout={}", t.as_secs_f64()),
+        Some(t) => format!("/v1/drain?tasks_timeout={}", t.as_secs()),
         None => "/v1/drain".into(),
     };
-    let asked = async {
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        let req = Request::post(path)
-            .header("host", "nodeagent")
-            .body(Empty::<Bytes>::new())?;
-        let code = sender.send_request(req).await?.status();
-        anyhow::ensure!(code.is_success(), "POST /v1/drain answered {code}");
-        Ok(())
-    };
-    match tokio::time::timeout(TIMEOUT, asked).await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(FetchError::NoAnswer(format!("{shown}: {e:#}"))),
-        Err(_) => Err(FetchError::NoAnswer(format!(
-            "{shown}: no answer within {TIMEOUT:?}"
-        ))),
-    }
+    request(socket, reqwest::Method::POST, &path)
+        .await
+        .map(|_| ())
 }
 
-async fn exchange(stream: UnixStream) -> anyhow::Result<NodeStatus> {
-    use anyhow::Context as _;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
-    let req = Request::get("/v1/status")
-        .header("host", "nodeagent")
-        .body(Empty::<Bytes>::new())?;
-    let resp = sender.send_request(req).await?;
-    let code = resp.status();
-    let body = resp.into_body().collect().await?.to_bytes();
+/// One request; a non-2xx answer is `NoAnswer` with what the agent said.
+async fn request(
+    socket: &Path,
+    method: reqwest::Method,
+    path: &str,
+) -> Result<reqwest::Response, FetchError> {
+    let shown = socket.display();
+    let client = reqwest::Client::builder()
+        .unix_socket(socket)
+        .timeout(TIMEOUT)
+        .build()
+        .map_err(|e| FetchError::NoAnswer(format!("{shown}: {e}")))?;
+    let response = client
+        .request(method.clone(), format!("http://nodeagent{path}"))
+        .send()
+        .await
+        .map_err(|e| classify(socket, &e))?;
+    let code = response.status();
     if !code.is_success() {
-        anyhow::bail!(
-            "GET /v1/status answered {code}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let body = response.text().await.unwrap_or_default();
+        return Err(FetchError::NoAnswer(format!(
+            "{shown}: {method} {path} answered {code}: {}",
+            body.trim()
+        )));
     }
-    serde_json::from_slice(&body).context("GET /v1/status answered something that is not a status")
+    Ok(response)
+}
+
+/// What a failed exchange means for the operator.
+fn classify(socket: &Path, e: &reqwest::Error) -> FetchError {
+    let shown = socket.display();
+    if e.is_timeout() {
+        return FetchError::NoAnswer(format!(
+            "{shown}: no answer within {TIMEOUT:?} (the agent is stuck: see journalctl -u nodeagent)"
+        ));
+    }
+    let io = std::iter::successors(Some(e as &(dyn std::error::Error + 'static)), |e| {
+        e.source()
+    })
+    .find_map(|e| e.downcast_ref::<std::io::Error>());
+    match io.map(std::io::Error::kind) {
+        Some(std::io::ErrorKind::NotFound) => FetchError::NotRunning(format!(
+            "{shown}: no socket (is nodeagent.service running?)"
+        )),
+        Some(std::io::ErrorKind::ConnectionRefused) => FetchError::NotRunning(format!(
+            "{shown}: connection refused (a socket left by a stopped agent)"
+        )),
+        Some(std::io::ErrorKind::PermissionDenied) => FetchError::NoAnswer(format!(
+            "{shown}: permission denied: run as root or as a member of group nodeagent"
+        )),
+        _ => FetchError::NoAnswer(format!("{shown}: {}", crate::aws::describe(e))),
+    }
 }

@@ -32,7 +32,7 @@ pub fn render(status: &NodeStatus) -> String {
                 State::ALL.iter().map(move |s| {
                     (
                         labels(&[("task", &t.name), ("state", s.as_str())]),
-                        u8::from(t.state == s.as_str()).to_string(),
+                        u8::from(t.state == *s).to_string(),
                     )
                 })
             })
@@ -70,7 +70,7 @@ pub fn render(status: &NodeStatus) -> String {
             .iter()
             .map(|p| {
                 (
-                    labels(&[("phase", &p.phase)]),
+                    labels(&[("phase", p.phase.as_str())]),
                     (p.took_ms / 1e3).to_string(),
                 )
             })
@@ -125,7 +125,7 @@ mod tests {
         let mut s = NodeStatus {
             tasks: vec![Task {
                 name: "linkerd".into(),
-                state: "crash-loop".into(),
+                state: State::CrashLoop,
                 restarts: 6,
                 health_latency_ms: Some(2.5),
                 ..Task::default()

@@ -15,7 +15,8 @@ use crate::aws::OpCount;
 use crate::boot::{BootReport, PhaseTime};
 use crate::facts::InstanceFacts;
 pub use crate::lifecycle::drain::DrainStatus;
-use crate::supervisor::TaskStatus;
+pub use crate::phase::Phase;
+use crate::supervisor::{State, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -33,8 +34,7 @@ pub struct NodeStatus {
     /// `null` until IMDS was read.
     pub instance_id: Option<String>,
     pub node: Option<Node>,
-    /// `imds`, `join`, `discover`, `render`, `supervise` or `stopping`.
-    pub phase: String,
+    pub phase: Phase,
     /// What the phase is waiting on, e.g. "waiting for the ECS agent (12 s)".
     pub phase_detail: Option<String>,
     /// In `supervise` and every task `healthy` (the tasks are listed, `starting`, from the
@@ -43,7 +43,7 @@ pub struct NodeStatus {
     /// When this agent started (RFC 3339).
     pub started_at: String,
     /// Boot phases done so far, with how long each took.
-    pub phases: Vec<Phase>,
+    pub phases: Vec<PhaseTime>,
     pub cluster: String,
     /// `ecs` or `docker`.
     pub runtime: String,
@@ -68,13 +68,6 @@ pub struct Node {
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Phase {
-    pub phase: String,
-    pub started_ms: f64,
-    pub took_ms: f64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Readiness {
     /// The attribute's name, e.g. `nodeagent.ready`.
     pub attribute: String,
@@ -95,8 +88,7 @@ pub struct Task {
     pub name: String,
     /// `ecs` or `docker`.
     pub runtime: String,
-    /// `starting`, `healthy`, `unhealthy`, `restarting`, `crash-loop` or `stopped`.
-    pub state: String,
+    pub state: State,
     /// When the task entered its state (RFC 3339).
     pub since: String,
     pub restarts: u64,
@@ -143,7 +135,7 @@ impl Board {
     pub fn new(cluster: &str, runtime: &str, observer: Option<Observer>) -> Board {
         let status = NodeStatus {
             version: SCHEMA_VERSION,
-            phase: "imds".into(),
+            phase: Phase::Imds,
             started_at: rfc3339(SystemTime::now()),
             cluster: cluster.into(),
             runtime: runtime.into(),
@@ -172,8 +164,8 @@ impl Board {
         let changed = self.status.send_if_modified(|status| {
             let before = status.clone();
             change(status);
-            status.healthy =
-                status.phase == "supervise" && status.tasks.iter().all(|t| t.state == "healthy");
+            status.healthy = status.phase == Phase::Supervise
+                && status.tasks.iter().all(|t| t.state == State::Healthy);
             *status != before
         });
         if let (true, Some(observe)) = (changed, &self.observer) {
@@ -181,9 +173,9 @@ impl Board {
         }
     }
 
-    pub fn set_phase(&self, phase: &str) {
+    pub fn set_phase(&self, phase: Phase) {
         self.update(|s| {
-            s.phase = phase.into();
+            s.phase = phase;
             s.phase_detail = None;
         });
     }
@@ -207,8 +199,8 @@ impl Board {
             let after_imds = report.phases.iter().map(|p| (p, imds.took_ms));
             s.phases = std::iter::once((imds, 0.0))
                 .chain(after_imds)
-                .map(|(p, offset)| Phase {
-                    phase: p.phase.into(),
+                .map(|(p, offset)| PhaseTime {
+                    phase: p.phase,
                     started_ms: p.started_ms + offset,
                     took_ms: p.took_ms,
                 })
@@ -239,7 +231,7 @@ impl Board {
                 .map(|t| Task {
                     name: t.name.clone(),
                     runtime: runtime.clone(),
-                    state: t.state.as_str().into(),
+                    state: t.state,
                     since: rfc3339(t.since),
                     restarts: t.restarts,
                     instance: t.instance.clone(),
@@ -265,15 +257,15 @@ impl NodeStatus {
     /// One line for systemd's `STATUS=` and the journal: what the node is doing or how its
     /// tasks are.
     pub fn summary(&self) -> String {
-        match self.phase.as_str() {
-            "imds" => "reading instance metadata".into(),
-            "join" => format!("joining ECS cluster {}", self.cluster),
-            "render" => "rendering config files".into(),
-            "stopping" => "stopping; the tasks keep running".into(),
-            "draining" | "drained" => {
+        match self.phase {
+            Phase::Imds => "reading instance metadata".into(),
+            Phase::Join => format!("joining ECS cluster {}", self.cluster),
+            Phase::Render => "rendering config files".into(),
+            Phase::Stopping => "stopping; the tasks keep running".into(),
+            Phase::Draining | Phase::Drained => {
                 let d = self.drain.clone().unwrap_or_default();
                 let failed = d.steps.iter().filter(|s| !s.ok).count();
-                let mut line = if self.phase == "draining" {
+                let mut line = if self.phase == Phase::Draining {
                     format!("draining ({}): {}", d.trigger, d.step)
                 } else {
                     format!("drained ({}): the tasks are stopped", d.trigger)
@@ -283,19 +275,23 @@ impl NodeStatus {
                 }
                 line
             }
-            "supervise" if self.tasks.is_empty() => "no tasks to supervise".into(),
-            "supervise" => {
-                let healthy = self.tasks.iter().filter(|t| t.state == "healthy").count();
+            Phase::Supervise if self.tasks.is_empty() => "no tasks to supervise".into(),
+            Phase::Supervise => {
+                let healthy = self
+                    .tasks
+                    .iter()
+                    .filter(|t| t.state == State::Healthy)
+                    .count();
                 let mut line = format!("{healthy}/{} tasks healthy", self.tasks.len());
-                for t in self.tasks.iter().filter(|t| t.state != "healthy") {
-                    let _ = write!(line, "; {} {}", t.name, t.state);
+                for t in self.tasks.iter().filter(|t| t.state != State::Healthy) {
+                    let _ = write!(line, "; {} {}", t.name, t.state.as_str());
                     if t.restarts > 0 {
                         let _ = write!(line, " ({} restarts)", t.restarts);
                     }
                 }
                 line
             }
-            _ => self
+            Phase::Discover | Phase::Agent => self
                 .phase_detail
                 .clone()
                 .unwrap_or_else(|| "finding the Consul servers and the ECS agent".into()),
@@ -380,7 +376,7 @@ impl NodeStatus {
                 .map(|t| {
                     [
                         t.name.clone(),
-                        t.state.clone(),
+                        t.state.as_str().to_string(),
                         age(&t.since, now),
                         t.restarts.to_string(),
                         t.last_exit.as_ref().map_or_else(dash, |e| match e.code {
@@ -401,11 +397,11 @@ impl NodeStatus {
                 &rows,
             ));
             // Why a failing task fails: what it wrote before it last ended.
-            for t in self.tasks.iter().filter(|t| t.state != "healthy") {
+            for t in self.tasks.iter().filter(|t| t.state != State::Healthy) {
                 let Some(output) = t.last_output.as_deref().map(str::trim_end) else {
                     continue;
                 };
-                let _ = writeln!(out, "\n{} ({}) last wrote:", t.name, t.state);
+                let _ = writeln!(out, "\n{} ({}) last wrote:", t.name, t.state.as_str());
                 for line in output.lines() {
                     let _ = writeln!(out, "  {line}");
                 }
@@ -489,11 +485,11 @@ fn ms(d: Duration) -> f64 {
 mod tests {
     use super::*;
 
-    fn task(name: &str, state: &str, restarts: u64) -> Task {
+    fn task(name: &str, state: State, restarts: u64) -> Task {
         Task {
             name: name.into(),
             runtime: "docker".into(),
-            state: state.into(),
+            state,
             since: rfc3339(SystemTime::now()),
             restarts,
             ..Task::default()
@@ -503,15 +499,15 @@ mod tests {
     #[test]
     fn healthy_means_supervising_with_every_task_healthy() {
         let board = Board::new("c", "docker", None);
-        board.update(|s| s.tasks = vec![task("a", "healthy", 0)]);
+        board.update(|s| s.tasks = vec![task("a", State::Healthy, 0)]);
         assert!(!board.snapshot().healthy, "still booting");
-        board.set_phase("supervise");
+        board.set_phase(Phase::Supervise);
         board.update(|s| s.tasks.clear());
         assert!(board.snapshot().healthy, "no task: nothing to wait for");
-        board.update(|s| s.tasks = vec![task("a", "healthy", 0)]);
-        board.set_phase("supervise");
+        board.update(|s| s.tasks = vec![task("a", State::Healthy, 0)]);
+        board.set_phase(Phase::Supervise);
         assert!(board.snapshot().healthy);
-        board.update(|s| s.tasks.push(task("b", "crash-loop", 6)));
+        board.update(|s| s.tasks.push(task("b", State::CrashLoop, 6)));
         let s = board.snapshot();
         assert!(!s.healthy);
         assert_eq!(s.summary(), "1/2 tasks healthy; b crash-loop (6 restarts)");
@@ -521,25 +517,25 @@ mod tests {
     fn the_summary_follows_the_phase() {
         let board = Board::new("prod", "ecs", None);
         assert_eq!(board.snapshot().summary(), "reading instance metadata");
-        board.set_phase("join");
+        board.set_phase(Phase::Join);
         assert_eq!(board.snapshot().summary(), "joining ECS cluster prod");
-        board.set_phase("discover");
+        board.set_phase(Phase::Discover);
         board.update(|s| s.phase_detail = Some("waiting for the ECS agent (12 s)".into()));
         assert_eq!(
             board.snapshot().summary(),
             "waiting for the ECS agent (12 s)"
         );
-        board.set_phase("supervise");
+        board.set_phase(Phase::Supervise);
         assert_eq!(board.snapshot().summary(), "no tasks to supervise");
     }
 
     #[test]
     fn the_table_has_a_row_per_task_and_file() {
         let mut s = NodeStatus {
-            phase: "supervise".into(),
+            phase: Phase::Supervise,
             tasks: vec![
-                task("consul-agent", "healthy", 0),
-                task("linkerd", "crash-loop", 7),
+                task("consul-agent", State::Healthy, 0),
+                task("linkerd", State::CrashLoop, 7),
             ],
             files: vec![File {
                 path: "/etc/linkerd/linkerd.yaml".into(),

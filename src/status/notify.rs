@@ -12,7 +12,7 @@
 //! boot's own waits (bounded by `consul.discovery_timeout`, `ecs.agent_timeout`) and the
 //! ready timeout decide, not `TimeoutStartSec=`.
 
-use super::{Board, NodeStatus};
+use super::{Board, NodeStatus, Phase};
 use crate::supervisor::Liveness;
 use crate::systemd::{Notice, ServiceManager};
 use std::sync::{Arc, Mutex};
@@ -92,11 +92,11 @@ impl Notifier {
 
     fn notify(&self, status: &NodeStatus, tick: bool) {
         let mut sent = self.sent();
-        if status.phase == "stopping" {
+        if status.phase == Phase::Stopping {
             return; // said by the caller, with STOPPING=1
         }
         let now = Instant::now();
-        if status.phase == "supervise" && sent.supervising_since.is_none() {
+        if status.phase == Phase::Supervise && sent.supervising_since.is_none() {
             sent.supervising_since = Some(now);
         }
         let mut notices = Vec::new();
@@ -115,7 +115,7 @@ impl Notifier {
             }
         }
         let text = match status.summary() {
-            line if sent.ready && !status.healthy && status.phase == "supervise" => {
+            line if sent.ready && !status.healthy && status.phase == Phase::Supervise => {
                 format!("{DEGRADED}{line}")
             }
             line => line,
@@ -167,6 +167,7 @@ pub async fn watchdog(manager: Arc<dyn ServiceManager>, liveness: Liveness) {
 mod tests {
     use super::*;
     use crate::status::Task;
+    use crate::supervisor::State;
 
     #[derive(Default)]
     struct Recorder(Mutex<Vec<Vec<Notice>>>);
@@ -180,10 +181,10 @@ mod tests {
         }
     }
 
-    fn task(state: &str) -> Task {
+    fn task(state: State) -> Task {
         Task {
             name: "linkerd".into(),
-            state: state.into(),
+            state,
             ..Task::default()
         }
     }
@@ -209,14 +210,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn every_phase_is_told_and_ready_comes_once_every_task_is_healthy() {
         let (recorder, _notifier, board) = notifier(Duration::from_secs(120));
-        for phase in ["join", "discover", "render"] {
+        for phase in [Phase::Join, Phase::Discover, Phase::Render] {
             board.set_phase(phase);
         }
-        board.update(|s| s.tasks = vec![task("starting")]);
-        board.set_phase("supervise");
-        board.update(|s| s.tasks = vec![task("crash-loop")]);
-        board.update(|s| s.tasks = vec![task("healthy")]);
-        board.update(|s| s.tasks = vec![task("unhealthy")]);
+        board.update(|s| s.tasks = vec![task(State::Starting)]);
+        board.set_phase(Phase::Supervise);
+        board.update(|s| s.tasks = vec![task(State::CrashLoop)]);
+        board.update(|s| s.tasks = vec![task(State::Healthy)]);
+        board.update(|s| s.tasks = vec![task(State::Unhealthy)]);
         let sent = recorder.0.lock().unwrap().clone();
         assert_eq!(
             texts(&sent),
@@ -256,7 +257,7 @@ mod tests {
         let (recorder, notifier, board) = notifier(Duration::from_secs(300));
         notifier.set_ready_timeout(Duration::from_secs(120));
         let extender = tokio::spawn(notifier.clone().keep_extending(board.clone()));
-        board.set_phase("discover");
+        board.set_phase(Phase::Discover);
         tokio::time::sleep(Duration::from_secs(200)).await; // a slow boot: extended throughout
         let boot = recorder.0.lock().unwrap().clone();
         let extensions = boot
@@ -268,8 +269,8 @@ mod tests {
             "an extension at least every 10 s: {boot:?}"
         );
 
-        board.update(|s| s.tasks = vec![task("crash-loop")]);
-        board.set_phase("supervise");
+        board.update(|s| s.tasks = vec![task(State::CrashLoop)]);
+        board.set_phase(Phase::Supervise);
         tokio::time::sleep(Duration::from_secs(119)).await;
         assert!(
             !recorder
@@ -297,7 +298,7 @@ mod tests {
             "nothing more once ready: {:?}",
             &sent[ready..]
         );
-        board.update(|s| s.tasks = vec![task("healthy")]);
+        board.update(|s| s.tasks = vec![task(State::Healthy)]);
         assert_eq!(
             texts(&recorder.0.lock().unwrap()).last().unwrap(),
             "1/1 tasks healthy"

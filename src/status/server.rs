@@ -136,7 +136,7 @@ pub async fn serve_unix(
 }
 
 /// Serves `/metrics` on a TCP address (`metrics.listen`).
-pub async fn bind_metrics(addr: &str) -> anyhow::Result<TcpListener> {
+pub async fn bind_metrics(addr: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics address {addr} (metrics.listen)"))?;
@@ -187,6 +187,35 @@ where
     });
 }
 
+/// The longest `tasks_timeout` a drain may be asked to wait for the application tasks.
+const MAX_TASKS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// `tasks_timeout=SECONDS` of a drain request (whole seconds, at most a day); any other query
+/// parameter is refused.
+fn drain_timeout(query: &str) -> Result<Option<Duration>, String> {
+    let mut timeout = None;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "tasks_timeout" => {
+                let secs = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|s| *s <= MAX_TASKS_TIMEOUT.as_secs())
+                    .ok_or_else(|| {
+                        format!(
+                            "tasks_timeout must be whole seconds from 0 to {}",
+                            MAX_TASKS_TIMEOUT.as_secs()
+                        )
+                    })?;
+                timeout = Some(Duration::from_secs(secs));
+            }
+            _ => return Err(format!("unknown parameter {key:?}: only tasks_timeout")),
+        }
+    }
+    Ok(timeout)
+}
+
 fn answer(req: &Request<Incoming>, api: &Api, may_drain: bool) -> Response<Full<Bytes>> {
     let reply = |status: StatusCode, ctype: &str, body: String| {
         Response::builder()
@@ -224,15 +253,10 @@ fn answer(req: &Request<Incoming>, api: &Api, may_drain: bool) -> Response<Full<
                 "only root may drain the node\n".into(),
             );
         }
-        let tasks_timeout = req
-            .uri()
-            .query()
-            .unwrap_or_default()
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("tasks_timeout="))
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(Duration::from_secs_f64);
+        let tasks_timeout = match drain_timeout(req.uri().query().unwrap_or_default()) {
+            Ok(t) => t,
+            Err(why) => return reply(StatusCode::BAD_REQUEST, "text/plain", format!("{why}\n")),
+        };
         return match drains.try_send(DrainRequest { tasks_timeout }) {
             // Full: a drain is already asked for.
             Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => reply(
@@ -262,5 +286,32 @@ fn answer(req: &Request<Incoming>, api: &Api, may_drain: bool) -> Response<Full<
             "text/plain",
             format!("{e}\n"),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `POST /v1/drain?tasks_timeout=1e20` made `Duration::from_secs_f64` panic, and a panic
+    /// aborts the agent: every value is parsed and bounded, anything else is a 400.
+    #[test]
+    fn drain_parameters_are_parsed_and_bounded() {
+        assert_eq!(drain_timeout(""), Ok(None));
+        assert_eq!(
+            drain_timeout("tasks_timeout=90"),
+            Ok(Some(Duration::from_secs(90)))
+        );
+        for bad in [
+            "tasks_timeout=1e20",
+            "tasks_timeout=-1",
+            "tasks_timeout=NaN",
+            "tasks_timeout=86401",
+            "tasks_timeout=18446744073709551616",
+            "tasks_timeout=",
+            "other=1",
+        ] {
+            assert!(drain_timeout(bad).is_err(), "{bad}");
+        }
     }
 }

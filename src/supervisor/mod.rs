@@ -12,22 +12,34 @@
 //! - on start (and at every reconcile) running instances of our tasks are adopted, duplicates
 //!   and instances of tasks not in the configuration are stopped;
 //! - stopping the supervisor leaves the tasks running.
+//!
+//! Everything slow — starts, stops, probes, reading output — runs as a job beside the loop, so
+//! the loop answers its liveness pings (the systemd watchdog) between any two steps; only the
+//! reconcile's listing is made in the loop (bounded by the runtime). Time is tokio's, so the
+//! loop runs on a paused clock in its tests.
 
 pub mod health;
+mod reactions;
+mod reconcile;
+mod slot;
+#[cfg(test)]
+mod tests;
 
 use crate::config::Supervision;
-use crate::retry::{exponential, jitter};
-use async_trait::async_trait;
+use crate::retry::jitter;
+use crate::runtime::{Exit, Instance, Runtime, RuntimeEvent};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
-use health::Probe;
+use health::{Probe, Prober};
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use slot::Slot;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// While a task is not yet healthy it is probed this often (at most its interval).
@@ -35,51 +47,11 @@ const FIRST_PROBES: Duration = Duration::from_millis(250);
 /// Reconnection to a runtime whose event stream broke backs off from/to these.
 const RECONNECT: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
-/// One running (or finished) instance of a task: a container, an ECS task.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Instance {
-    pub task: String,
-    pub id: String,
-    pub running: bool,
-    pub exit: Option<Exit>,
-}
-
-/// How an instance ended.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Exit {
-    pub code: Option<i64>,
-    pub reason: String,
-}
-
-/// Something the runtime noticed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RuntimeEvent {
-    /// The instance stopped (died, was killed, was removed).
-    Exited { id: String, exit: Exit },
-}
-
-/// What runs the tasks (docker, ECS).
-#[async_trait]
-pub trait Runtime: Send + Sync {
-    /// Every instance of our tasks, running or not, including tasks no longer configured.
-    async fn instances(&self) -> anyhow::Result<Vec<Instance>>;
-    async fn start(&self, task: &str) -> anyhow::Result<Instance>;
-    /// Stops the instance (if running) and removes what is left of it.
-    async fn stop(&self, instance: &Instance) -> anyhow::Result<()>;
-    /// The last lines the instance wrote.
-    async fn output_tail(&self, instance: &Instance, lines: usize) -> anyhow::Result<String>;
-    /// Waits (at most `limit`) until a stopped instance has really stopped — for a runtime
-    /// whose `stop` only asks (ECS `StopTask`).
-    async fn wait_stopped(&self, _instance: &Instance, _limit: Duration) -> anyhow::Result<()> {
-        Ok(())
-    }
-    /// Events from now on; the stream ends or errs when the runtime goes away.
-    async fn events(&self) -> anyhow::Result<BoxStream<'static, anyhow::Result<RuntimeEvent>>>;
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// A task's state, in status (`tasks[].state`), logs and metrics as [`State::as_str`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum State {
+    #[default]
     Starting,
     Healthy,
     Unhealthy,
@@ -152,40 +124,17 @@ pub enum Until {
     Shutdown,
 }
 
-struct Slot {
-    spec: TaskSpec,
-    state: State,
-    since: SystemTime,
-    instance: Option<Instance>,
-    /// The instance that died, removed before the next start.
-    dead: Option<Instance>,
-    restarts: u64,
-    recent: VecDeque<Instant>,
-    failures: u32,
-    healthy_since: Option<Instant>,
-    probe_failures: u32,
-    last_probe: Option<String>,
-    last_probe_took: Option<Duration>,
-    last_exit: Option<Exit>,
-    last_output: Option<String>,
-    next_start: Option<Instant>,
-    next_probe: Option<Instant>,
-    busy: bool,
-    probing: bool,
-    adopted: bool,
-    /// Stopped on request (a drain) and kept stopped: running instances are not adopted.
-    held: bool,
-    /// Never (re)started: set by a hold, a suspend, or `suspend_all`; running instances are
-    /// still adopted (so a drain can stop them in order).
-    suspended: bool,
-    /// Who waits for the held task to be stopped.
-    held_waiters: Vec<oneshot::Sender<anyhow::Result<()>>>,
-}
-
+/// What a job beside the loop reports back.
 enum Job {
     Started(usize, anyhow::Result<Instance>),
     Probed(usize, String, Duration, Result<(), String>),
-    Stopped(usize, String),
+    /// An instance was stopped (a dead one removed, a duplicate, a stray, a dependent):
+    /// `slot` is `None` for a task that is not configured.
+    Stopped {
+        slot: Option<usize>,
+        id: String,
+        result: anyhow::Result<()>,
+    },
     /// The output of the instance that ended; `log`: write it to the log too (the task just
     /// entered crash-loop).
     Output {
@@ -229,24 +178,6 @@ impl Control {
     }
 }
 
-pub struct Supervisor {
-    runtime: Arc<dyn Runtime>,
-    policy: Supervision,
-    slots: Vec<Slot>,
-    http: reqwest::Client,
-    status: watch::Sender<Vec<TaskStatus>>,
-    /// Exits seen for ids no slot holds yet (a start still in flight).
-    unclaimed_exits: HashMap<String, Exit>,
-    /// Under `Until::AllStarted`, a start that failed ends the run with this error.
-    fatal: Option<anyhow::Error>,
-    until: Until,
-    /// Liveness questions ([`Liveness`]), answered by the loop itself.
-    pings: mpsc::Receiver<oneshot::Sender<()>>,
-    ping_sender: mpsc::Sender<oneshot::Sender<()>>,
-    holds: mpsc::Receiver<HoldRequest>,
-    hold_sender: mpsc::Sender<HoldRequest>,
-}
-
 /// Asks the supervision loop whether it is turning: the loop answers between two of its steps,
 /// so a loop stuck in a call (a hung engine) does not answer. Feeds the systemd watchdog.
 #[derive(Clone)]
@@ -261,46 +192,45 @@ impl Liveness {
     }
 }
 
+pub struct Supervisor {
+    runtime: Arc<dyn Runtime>,
+    prober: Arc<dyn Prober>,
+    policy: Supervision,
+    slots: Vec<Slot>,
+    status: watch::Sender<Vec<TaskStatus>>,
+    /// Exits seen for ids no slot holds yet (a start still in flight).
+    unclaimed_exits: HashMap<String, Exit>,
+    /// Instances being stopped by a job: not stopped again until it is done (a stop that
+    /// hangs must not pile up at every reconcile).
+    stopping: BTreeSet<String>,
+    /// Under `Until::AllStarted`, a start that failed ends the run with this error.
+    fatal: Option<anyhow::Error>,
+    until: Until,
+    /// Liveness questions ([`Liveness`]), answered by the loop itself.
+    pings: mpsc::Receiver<oneshot::Sender<()>>,
+    ping_sender: mpsc::Sender<oneshot::Sender<()>>,
+    holds: mpsc::Receiver<HoldRequest>,
+    hold_sender: mpsc::Sender<HoldRequest>,
+}
+
 impl Supervisor {
-    pub fn new(runtime: Arc<dyn Runtime>, policy: Supervision, tasks: Vec<TaskSpec>) -> Self {
-        let now = SystemTime::now();
-        let slots = tasks
-            .into_iter()
-            .map(|spec| Slot {
-                spec,
-                state: State::Starting,
-                since: now,
-                instance: None,
-                dead: None,
-                restarts: 0,
-                recent: VecDeque::new(),
-                failures: 0,
-                healthy_since: None,
-                probe_failures: 0,
-                last_probe: None,
-                last_probe_took: None,
-                last_exit: None,
-                last_output: None,
-                next_start: Some(Instant::now()),
-                next_probe: None,
-                busy: false,
-                probing: false,
-                adopted: false,
-                held: false,
-                suspended: false,
-                held_waiters: Vec::new(),
-            })
-            .collect();
+    pub fn new(
+        runtime: Arc<dyn Runtime>,
+        prober: Arc<dyn Prober>,
+        policy: Supervision,
+        tasks: Vec<TaskSpec>,
+    ) -> Self {
         let (status, _) = watch::channel(Vec::new());
         let (ping_sender, pings) = mpsc::channel(1);
         let (hold_sender, holds) = mpsc::channel(8);
         let supervisor = Supervisor {
             runtime,
+            prober,
             policy,
-            slots,
-            http: health::client(),
+            slots: tasks.into_iter().map(Slot::new).collect(),
             status,
             unclaimed_exits: HashMap::new(),
+            stopping: BTreeSet::new(),
             fatal: None,
             until: Until::Shutdown,
             pings,
@@ -352,9 +282,7 @@ impl Supervisor {
         // Subscribe before looking, so nothing that dies in between is missed; then adopt.
         match self.runtime.events().await {
             Ok(stream) => events = Some(stream),
-            Err(e) => {
-                warn!("runtime events unavailable ({e:#}); will retry")
-            }
+            Err(e) => warn!("runtime events unavailable ({e:#}); will retry"),
         }
         self.reconcile(&mut jobs).await;
         let mut next_reconcile = Instant::now() + jitter(self.policy.reconcile_interval);
@@ -367,10 +295,19 @@ impl Supervisor {
             if until == Until::AllStarted && self.slots.iter().all(|s| s.instance.is_some()) {
                 return Ok(());
             }
+            // A start waiting on a dependency is no timer: a dependency turning healthy is a
+            // probe's job, which wakes the loop (waking for it would spin the loop).
+            let healthy = self.healthy_names();
             let wake = self
                 .slots
                 .iter()
-                .flat_map(|s| [s.next_start, s.next_probe])
+                .flat_map(|s| {
+                    let startable = s.spec.depends_on.iter().all(|d| healthy.contains(d))
+                        && !s.busy
+                        && !s.suspended
+                        && s.instance.is_none();
+                    [s.next_start.filter(|_| startable), s.next_probe]
+                })
                 .flatten()
                 .chain([next_reconcile])
                 .chain(events.is_none().then_some(reconnect_at))
@@ -397,7 +334,7 @@ impl Supervisor {
                     Ok(job) => self.on_job(job, &mut jobs),
                     Err(e) => warn!("a supervision job failed: {e}"),
                 },
-                _ = tokio::time::sleep_until(wake.into()) => {}
+                _ = tokio::time::sleep_until(wake) => {}
             }
             let now = Instant::now();
             if events.is_none() && now >= reconnect_at {
@@ -423,15 +360,19 @@ impl Supervisor {
         }
     }
 
-    /// Starts what is due and whose dependencies are healthy; probes what is due.
-    fn schedule(&mut self, jobs: &mut JoinSet<Job>) {
-        let now = Instant::now();
-        let healthy: Vec<String> = self
-            .slots
+    /// The tasks that are healthy now.
+    fn healthy_names(&self) -> Vec<String> {
+        self.slots
             .iter()
             .filter(|s| s.state == State::Healthy)
             .map(|s| s.spec.name.clone())
-            .collect();
+            .collect()
+    }
+
+    /// Starts what is due and whose dependencies are healthy; probes what is due.
+    fn schedule(&mut self, jobs: &mut JoinSet<Job>) {
+        let now = Instant::now();
+        let healthy = self.healthy_names();
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let deps_ready = slot.spec.depends_on.iter().all(|d| healthy.contains(d));
             if slot.instance.is_none()
@@ -471,15 +412,14 @@ impl Supervisor {
                 if !slot.probing && slot.next_probe.is_some_and(|t| t <= now) {
                     slot.probing = true;
                     slot.next_probe = None;
-                    let http = self.http.clone();
-                    let probe = probe.clone();
-                    let timeout = slot.spec.timeout;
-                    let id = inst.id.clone();
-                    let span = info_span!("task", task = %slot.spec.name);
+                    let prober = self.prober.clone();
+                    let (probe, timeout) = (probe.clone(), slot.spec.timeout);
+                    let (name, id) = (slot.spec.name.clone(), inst.id.clone());
+                    let span = info_span!("task", task = %name);
                     jobs.spawn(
                         async move {
                             let t = Instant::now();
-                            let result = health::check(&http, &probe, timeout).await;
+                            let result = prober.check(&name, &probe, timeout).await;
                             Job::Probed(i, id, t.elapsed(), result)
                         }
                         .instrument(span),
@@ -489,472 +429,30 @@ impl Supervisor {
         }
     }
 
-    fn on_job(&mut self, job: Job, jobs: &mut JoinSet<Job>) {
-        match job {
-            Job::Started(i, Ok(instance)) if self.slots[i].held => {
-                // Held while it was starting: what started goes at once.
-                self.slots[i].busy = false;
-                let runtime = self.runtime.clone();
-                jobs.spawn(async move { Job::Held(i, runtime.stop(&instance).await) });
-            }
-            Job::Started(i, Err(_)) if self.slots[i].held => {
-                self.slots[i].busy = false;
-                for w in self.slots[i].held_waiters.drain(..) {
-                    let _ = w.send(Ok(()));
-                }
-            }
-            Job::Held(i, result) => {
-                let slot = &mut self.slots[i];
-                match &result {
-                    Ok(()) => info!(task = %slot.spec.name, "{}: stopped and held", slot.spec.name),
-                    Err(e) => {
-                        warn!(task = %slot.spec.name, "{}: could not stop the held task: {e:#}", slot.spec.name)
-                    }
-                }
-                let error = result.err().map(|e| format!("{e:#}"));
-                for w in slot.held_waiters.drain(..) {
-                    let _ = w.send(match &error {
-                        None => Ok(()),
-                        Some(e) => Err(anyhow::anyhow!("{e}")),
-                    });
-                }
-            }
-            Job::Started(i, Ok(instance)) => {
-                let slot = &mut self.slots[i];
-                slot.busy = false;
-                info!(task = %slot.spec.name, id = %instance.id, "{}: started {}", slot.spec.name, instance.id);
-                let id = instance.id.clone();
-                self.adopt(i, instance);
-                if let Some(exit) = self.unclaimed_exits.remove(&id) {
-                    self.on_exited(&id, exit, false, jobs);
-                }
-                if !self.slots.iter().any(|s| s.busy) {
-                    self.unclaimed_exits.clear(); // nothing in flight can claim them any more
-                }
-            }
-            Job::Started(i, Err(e)) if self.until == Until::AllStarted => {
-                self.fatal = Some(e.context(format!("starting task {}", self.slots[i].spec.name)));
-            }
-            Job::Started(i, Err(e)) => {
-                let policy = self.policy.clone();
-                let slot = &mut self.slots[i];
-                slot.busy = false;
-                let delay = backoff(&policy, slot.failures.max(1));
-                slot.failures += 1;
-                slot.next_start = Some(Instant::now() + delay);
-                warn!(task = %slot.spec.name, retry_in = ?delay, "{}: could not start the task ({e:#}); retrying in {delay:?}", slot.spec.name);
-            }
-            Job::Probed(i, id, took, result) => {
-                let slot = &mut self.slots[i];
-                slot.probing = false;
-                if slot.instance.as_ref().map(|x| &x.id) != Some(&id) {
-                    return; // a probe of an instance that has since been replaced
-                }
-                slot.last_probe_took = Some(took);
-                self.on_probe(i, result, jobs);
-            }
-            Job::Stopped(i, id) => debug!(task = %self.slots[i].spec.name, %id, "done"),
-            Job::Output { slot, text, log } => {
-                let slot = &mut self.slots[slot];
-                let name = &slot.spec.name;
-                match text {
-                    Ok(tail) => {
-                        if log {
-                            warn!(task = %name, "{name}: last output of the crash-looping task:\n{tail}");
-                        }
-                        slot.last_output = Some(tail);
-                    }
-                    Err(e) if log => {
-                        warn!(task = %name, "{name}: cannot read the crash-looping task's output: {e:#}")
-                    }
-                    Err(e) => {
-                        debug!(task = %name, "cannot read the output of the instance that ended: {e:#}")
-                    }
-                }
-            }
-        }
-    }
-
-    fn on_probe(&mut self, i: usize, result: Result<(), String>, jobs: &mut JoinSet<Job>) {
-        let slot = &mut self.slots[i];
-        let spec = slot.spec.clone();
-        match result {
-            Ok(()) => {
-                slot.probe_failures = 0;
-                slot.last_probe = Some("ok".into());
-                if slot.healthy_since.is_none() {
-                    slot.healthy_since = Some(Instant::now());
-                }
-                let state = up_state(slot, &self.policy, State::Healthy);
-                set_state(slot, state);
-                slot.next_probe = Some(Instant::now() + spec.interval);
-            }
-            Err(why) => {
-                slot.probe_failures += 1;
-                slot.last_probe = Some(why.clone());
-                let failing = slot.probe_failures >= spec.unhealthy_threshold;
-                if slot.state == State::Healthy && failing {
-                    set_state(slot, State::Unhealthy);
-                    slot.healthy_since = None;
-                    warn!(task = %spec.name, check = %why, "{}: unhealthy: {why}", spec.name);
-                } else {
-                    debug!(task = %spec.name, check = %why, "{}: health check failed", spec.name);
-                }
-                let every = if slot.state == State::Healthy || slot.state == State::Unhealthy {
-                    spec.interval
-                } else {
-                    spec.interval.min(FIRST_PROBES)
-                };
-                slot.next_probe = Some(Instant::now() + every);
-                if failing && spec.restart_when_unhealthy {
-                    if let Some(inst) = slot.instance.clone() {
-                        warn!(task = %spec.name, "{}: restarting the unhealthy task", spec.name);
-                        let id = inst.id.clone();
-                        self.on_exited(
-                            &id,
-                            Exit {
-                                code: None,
-                                reason: format!("unhealthy: {why}"),
-                            },
-                            true,
-                            jobs,
-                        );
-                    }
-                }
-            }
-        }
-    }
-
-    /// Stops `task` (if it runs) and keeps it stopped; `done` hears when it is.
-    fn hold(
-        &mut self,
-        task: &str,
-        stop: bool,
-        done: oneshot::Sender<anyhow::Result<()>>,
-        jobs: &mut JoinSet<Job>,
-    ) {
-        let Some(i) = self.slots.iter().position(|s| s.spec.name == task) else {
-            let _ = done.send(Err(anyhow::anyhow!("no task {task} is supervised")));
-            return;
-        };
-        let grace = self.policy.stop_grace;
-        let slot = &mut self.slots[i];
-        slot.suspended = true;
-        slot.next_start = None;
-        if !stop {
-            info!(task = %task, "{}: suspended: it will not be restarted", task);
-            let _ = done.send(Ok(()));
+    /// Stops `instance` in a job (once: a stop already under way is not asked again).
+    fn stop_in_job(&mut self, slot: Option<usize>, instance: Instance, jobs: &mut JoinSet<Job>) {
+        if !self.stopping.insert(instance.id.clone()) {
             return;
         }
-        slot.held = true;
-        slot.next_probe = None;
-        slot.healthy_since = None;
-        set_state(slot, State::Stopped);
-        slot.held_waiters.push(done);
-        if let Some(dead) = slot.dead.take() {
-            let runtime = self.runtime.clone();
-            jobs.spawn(async move {
-                let _ = runtime.stop(&dead).await;
-                Job::Stopped(i, dead.id)
-            });
-        }
-        match slot.instance.take() {
-            Some(instance) => {
-                info!(task = %task, id = %instance.id, "{}: stopping, and holding it stopped", task);
-                let runtime = self.runtime.clone();
-                // ECS stops a task in its own time (its stop timeout, 30 s by default).
-                let limit = grace * 2 + Duration::from_secs(30);
-                jobs.spawn(async move {
-                    let stopped = match runtime.stop(&instance).await {
-                        Ok(()) => runtime.wait_stopped(&instance, limit).await,
-                        Err(e) => Err(e),
-                    };
-                    Job::Held(i, stopped)
-                });
-            }
-            // A start in flight is stopped when it lands (`on_job`).
-            None if slot.busy => {}
-            None => {
-                for w in slot.held_waiters.drain(..) {
-                    let _ = w.send(Ok(()));
-                }
-            }
-        }
-    }
-
-    /// Makes `instance` the slot's current one.
-    fn adopt(&mut self, i: usize, instance: Instance) {
-        let slot = &mut self.slots[i];
-        slot.instance = Some(instance);
-        slot.adopted = false;
-        slot.probe_failures = 0;
-        if slot.spec.probe.is_some() {
-            let state = up_state(slot, &self.policy, State::Starting);
-            set_state(slot, state);
-            slot.next_probe = Some(Instant::now());
-        } else {
-            let state = up_state(slot, &self.policy, State::Healthy);
-            set_state(slot, state);
-            slot.healthy_since = Some(Instant::now());
-        }
-    }
-
-    /// The task's instance `id` ended (`still_running`: is being replaced while it runs).
-    fn on_exited(&mut self, id: &str, exit: Exit, still_running: bool, jobs: &mut JoinSet<Job>) {
-        let Some(i) = self
-            .slots
-            .iter()
-            .position(|s| s.instance.as_ref().is_some_and(|x| x.id == id))
-        else {
-            if self.slots.iter().any(|s| s.busy) {
-                self.unclaimed_exits.insert(id.to_string(), exit);
-            }
-            return;
-        };
-        let policy = self.policy.clone();
-        let now = Instant::now();
-        let slot = &mut self.slots[i];
-        let mut dead = slot.instance.take().expect("matched above");
-        dead.running = still_running;
-        if slot.suspended {
-            // Suspended (a drain): it ended as asked; it is removed when it is held.
-            info!(task = %slot.spec.name, code = ?exit.code, "{}: exited, and stays stopped", slot.spec.name);
-            set_state(slot, State::Stopped);
-            slot.last_exit = Some(exit);
-            slot.next_probe = None;
-            slot.dead = Some(dead);
-            return;
-        }
-        let healthy_long = slot
-            .healthy_since
-            .is_some_and(|t| t.elapsed() >= policy.backoff_reset_after);
-        if healthy_long {
-            slot.failures = 0;
-        }
-        let delay = if slot.failures == 0 {
-            Duration::ZERO
-        } else {
-            backoff(&policy, slot.failures)
-        };
-        slot.failures += 1;
-        slot.restarts += 1;
-        slot.recent.push_back(now);
-        let crash_loop = crash_looping(slot, &policy);
-        let entering = crash_loop && slot.state != State::CrashLoop;
-        // What it wrote last, for `nodeagent status` (and the log when it starts looping);
-        // read now, before the dead instance is removed.
         let runtime = self.runtime.clone();
-        let (lines, tail_of) = (policy.log_lines, dead.clone());
         jobs.spawn(async move {
-            Job::Output {
-                slot: i,
-                text: runtime.output_tail(&tail_of, lines).await,
-                log: entering,
+            let result = runtime.stop(&instance).await;
+            Job::Stopped {
+                slot,
+                id: instance.id,
+                result,
             }
         });
-        if entering {
-            warn!(
-                task = %slot.spec.name,
-                restarts = slot.recent.len(),
-                window = ?policy.crash_loop_window,
-                code = ?exit.code,
-                "{}: crash-loop: {} restarts within {:?}, last {}; retrying at most every {:?}",
-                slot.spec.name,
-                slot.recent.len(),
-                policy.crash_loop_window,
-                exit.code.map_or(exit.reason.clone(), |c| format!("exit code {c}")),
-                policy.backoff_max
-            );
-        } else {
-            let code = exit
-                .code
-                .map(|c| format!(" with code {c}"))
-                .unwrap_or_default();
-            warn!(task = %slot.spec.name, code = ?exit.code, reason = %exit.reason, restart_in = ?delay, "{}: {}{code}; restarting in {delay:?}", slot.spec.name, exit.reason);
-        }
-        set_state(
-            slot,
-            if crash_loop {
-                State::CrashLoop
-            } else {
-                State::Restarting
-            },
-        );
-        slot.last_exit = Some(exit);
-        slot.healthy_since = None;
-        slot.next_probe = None;
-        slot.next_start = Some(now + delay);
-        slot.dead = Some(dead);
-        let name = slot.spec.name.clone();
-        // Dependents that asked for it go down with their dependency and come back after it.
-        for j in 0..self.slots.len() {
-            let dependent = &mut self.slots[j];
-            if dependent.spec.restart_with_dependencies && dependent.spec.depends_on.contains(&name)
-            {
-                if let Some(inst) = dependent.instance.take() {
-                    info!(task = %dependent.spec.name, dependency = %name, "{}: restarting with its dependency", dependent.spec.name);
-                    set_state(dependent, State::Restarting);
-                    dependent.healthy_since = None;
-                    dependent.next_probe = None;
-                    dependent.next_start = Some(now);
-                    let runtime = self.runtime.clone();
-                    jobs.spawn(async move {
-                        let _ = runtime.stop(&inst).await;
-                        Job::Stopped(j, inst.id)
-                    });
-                }
-            }
-        }
-    }
-
-    /// Compares what the runtime has with what should run: adopts, reaps, notices the dead.
-    async fn reconcile(&mut self, jobs: &mut JoinSet<Job>) {
-        let instances = match self.runtime.instances().await {
-            Ok(list) => list,
-            Err(e) => {
-                warn!("cannot list the tasks' instances ({e:#}); will retry");
-                return;
-            }
-        };
-        let mut seen: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
-        for inst in instances {
-            seen.entry(inst.task.clone()).or_default().push(inst);
-        }
-        for i in 0..self.slots.len() {
-            let slot = &mut self.slots[i];
-            if slot.state == State::CrashLoop
-                && slot.instance.is_some()
-                && slot.healthy_since.is_some()
-            {
-                // Out of the crash loop once its restarts have aged out of the window.
-                let state = up_state(slot, &self.policy, State::Healthy);
-                set_state(slot, state);
-            }
-            let name = self.slots[i].spec.name.clone();
-            let mine = seen.remove(&name).unwrap_or_default();
-            if self.slots[i].busy {
-                continue; // a start is in flight: what it creates is not a stranger
-            }
-            let current = self.slots[i].instance.as_ref().map(|x| x.id.clone());
-            // The current instance vanished or stopped without an event.
-            if let Some(id) = &current {
-                match mine.iter().find(|x| &x.id == id) {
-                    Some(x) if x.running => {}
-                    Some(x) => {
-                        let exit = x.exit.clone().unwrap_or(Exit {
-                            code: None,
-                            reason: "exited".into(),
-                        });
-                        self.on_exited(id, exit, false, jobs);
-                    }
-                    None => self.on_exited(
-                        id,
-                        Exit {
-                            code: None,
-                            reason: "gone".into(),
-                        },
-                        false,
-                        jobs,
-                    ),
-                }
-            }
-            for inst in mine {
-                let is_current = Some(&inst.id) == current.as_ref();
-                let slot = &mut self.slots[i];
-                if is_current || slot.dead.as_ref().is_some_and(|d| d.id == inst.id) {
-                    continue;
-                }
-                if inst.running && slot.instance.is_none() && slot.dead.is_none() && !slot.held {
-                    info!(task = %name, id = %inst.id, "{}: adopted running instance", name);
-                    self.adopt(i, inst);
-                    self.slots[i].adopted = true;
-                } else {
-                    if inst.running {
-                        warn!(task = %name, id = %inst.id, "{}: stopping a duplicate instance", name);
-                    }
-                    let runtime = self.runtime.clone();
-                    jobs.spawn(async move {
-                        let _ = runtime.stop(&inst).await;
-                        Job::Stopped(i, inst.id)
-                    });
-                }
-            }
-        }
-        for (task, strays) in seen {
-            for inst in strays {
-                warn!(task = %task, id = %inst.id, "{}: stopping and removing an instance of a task that is not in the configuration", task);
-                let runtime = self.runtime.clone();
-                let _ = runtime.stop(&inst).await;
-            }
-        }
     }
 
     fn publish(&self) {
-        let status = self
-            .slots
-            .iter()
-            .map(|s| TaskStatus {
-                name: s.spec.name.clone(),
-                state: s.state,
-                since: s.since,
-                restarts: s.restarts,
-                instance: s.instance.as_ref().map(|i| i.id.clone()),
-                last_exit: s.last_exit.clone(),
-                last_output: s.last_output.clone(),
-                health: s.last_probe.clone(),
-                health_latency: s.last_probe_took,
-                adopted: s.adopted,
-            })
-            .collect();
+        let status: Vec<TaskStatus> = self.slots.iter().map(Slot::status).collect();
         self.status.send_if_modified(|old| {
             let changed = *old != status;
             *old = status;
             changed
         });
     }
-}
-
-/// The state of a task that is up (running, or passing its check): `crash-loop` while its
-/// recent restarts are still over the limit, else `up`.
-fn up_state(slot: &mut Slot, policy: &Supervision, up: State) -> State {
-    if crash_looping(slot, policy) {
-        State::CrashLoop
-    } else {
-        up
-    }
-}
-
-/// Whether the slot's restarts within the crash-loop window (older ones are forgotten) reach
-/// the limit.
-fn crash_looping(slot: &mut Slot, policy: &Supervision) -> bool {
-    let now = Instant::now();
-    while slot
-        .recent
-        .front()
-        .is_some_and(|t| now - *t > policy.crash_loop_window)
-    {
-        slot.recent.pop_front();
-    }
-    slot.recent.len() >= policy.crash_loop_restarts as usize
-}
-
-fn set_state(slot: &mut Slot, state: State) {
-    if slot.state != state {
-        info!(task = %slot.spec.name, from = ?slot.state, to = ?state, "{}: {} -> {}", slot.spec.name, slot.state.as_str(), state.as_str());
-        slot.state = state;
-        slot.since = SystemTime::now();
-    }
-}
-
-/// The delay before restart number `failures` (1-based) of a failing task: exponential from
-/// `backoff_initial`, capped, jittered into [d/2, d].
-fn backoff(policy: &Supervision, failures: u32) -> Duration {
-    let step = failures.saturating_sub(1);
-    jitter(exponential(
-        policy.backoff_initial,
-        policy.backoff_max,
-        step,
-    ))
 }
 
 async fn remove_old(runtime: &dyn Runtime, old: &Instance) {

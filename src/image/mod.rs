@@ -11,6 +11,10 @@
 //! `nodeagent prepare-image`: the prepare phase cleans it before ecs.service starts, so the ECS
 //! agent registers a new container instance instead of impersonating the old one.
 
+mod prepare;
+
+pub use prepare::prepare_image;
+
 use crate::config::Settings;
 use crate::ecs_config;
 use crate::hostfs::{HostFs, Perms};
@@ -23,12 +27,6 @@ pub const ECS_DATA_DIR: &str = "/var/lib/ecs/data";
 pub const STATE_DIR: &str = "/var/lib/nodeagent";
 /// The instance this disk last ran on.
 pub const INSTANCE_RECORD: &str = "/var/lib/nodeagent/instance-id";
-/// nodeagent's runtime directory (this boot only; the status socket's default home).
-pub const RUNTIME_DIR: &str = "/run/nodeagent";
-/// Written when a drain begins (its trigger): the node stays drained across agent restarts in
-/// this boot. A reboot clears it (a spot `stop` then start, a kernel update's `reboot`), so a
-/// node that comes back boots again instead of staying drained.
-pub const DRAIN_MARKER: &str = "/run/nodeagent/drain";
 
 /// Removes the instance identity; `removed` hears each removal as it happens (host paths;
 /// `ecs.config: KEYS`), so a failure part-way still says what is gone.

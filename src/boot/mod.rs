@@ -6,7 +6,8 @@
 //! 4. waiting for the ECS container agent to register this container instance;
 //! 5. render the foundational tasks' config files;
 //! 6. start the tasks — ECS `StartTask` or Docker — adopting any already running: that is the
-//!    supervisor's first act (the caller's), as it is the one that keeps them running.
+//!    supervisor's first act (the daemon's), as it is the one that keeps them running. The boot
+//!    reports what it found ([`BootReport`]); whoever starts the supervisor builds its specs.
 //!
 //! Step 2 alone is [`prepare`], which runs before ecs.service (it needs no network); [`run`]
 //! repeats it idempotently and goes on, after ecs.service. Without `ecs.join` (docker runtime
@@ -18,15 +19,15 @@ use crate::ec2::Ec2;
 use crate::ecs_config;
 use crate::facts::InstanceFacts;
 use crate::hostfs::{blocked_ancestor, HostFs, Perms, Written};
-use crate::render::{render_value, ConsulContext, Context, EcsContext, RenderedFile, Renderer};
+use crate::phase::Phase;
+use crate::render::{ConsulContext, Context, EcsContext, RenderedFile, Renderer};
 use crate::retry::{jitter, Backoff};
-use crate::supervisor::health::Probe;
-use crate::supervisor::TaskSpec;
 use anyhow::{anyhow, bail, Context as _};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 /// The ECS agent is polled this often (jittered down to half) while it starts.
@@ -47,7 +48,7 @@ pub struct Node<'a> {
 /// something outside (called at every poll, so the caller can show a live count and keep a
 /// service manager from timing out).
 pub trait Progress: Sync {
-    fn phase(&self, phase: &'static str);
+    fn phase(&self, phase: Phase);
     /// `waited`: how long so far; `None`: no longer waiting on it.
     fn waiting(&self, on: &'static str, waited: Option<Duration>);
 }
@@ -55,10 +56,10 @@ pub trait Progress: Sync {
 const WAIT_SERVERS: &str = "a Consul server";
 const WAIT_AGENT: &str = "the ECS agent";
 
-/// When a phase ran, relative to the start of the boot.
-#[derive(Debug, Clone, Serialize)]
+/// When a phase ran, relative to the start of the boot (the status document's `phases[]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PhaseTime {
-    pub phase: &'static str,
+    pub phase: Phase,
     pub started_ms: f64,
     pub took_ms: f64,
 }
@@ -98,7 +99,7 @@ pub async fn run(
 ) -> anyhow::Result<BootReport> {
     let boot = Instant::now();
     let mut phases = Vec::new();
-    let timed = |phase: &'static str, started: Instant| PhaseTime {
+    let timed = |phase: Phase, started: Instant| PhaseTime {
         phase,
         started_ms: ms(started - boot),
         took_ms: ms(started.elapsed()),
@@ -108,27 +109,28 @@ pub async fn run(
     let join = settings.ecs.join;
     let t = Instant::now();
     if join {
-        progress.phase("join");
-        info_span!("phase", phase = "join").in_scope(|| prepare(settings, node.fs))?;
-        phases.push(timed("join", t));
+        progress.phase(Phase::Join);
+        info_span!("phase", phase = Phase::Join.as_str())
+            .in_scope(|| prepare(settings, node.fs))?;
+        phases.push(timed(Phase::Join, t));
     }
 
     // 3 and 4: both wait on something outside, so they wait together.
-    progress.phase("discover");
+    progress.phase(Phase::Discover);
     let t = Instant::now();
     let discover = async {
         let servers = discover_servers(settings, node.ec2, progress).await;
-        (servers, timed("discover", t))
+        (servers, timed(Phase::Discover, t))
     }
-    .instrument(info_span!("phase", phase = "discover"));
+    .instrument(info_span!("phase", phase = Phase::Discover.as_str()));
     let wait = async {
         if !join {
             return (Ok(None), None);
         }
         let agent = wait_for_agent(settings, node.agent, progress).await;
-        (agent.map(Some), Some(timed("agent", t)))
+        (agent.map(Some), Some(timed(Phase::Agent, t)))
     }
-    .instrument(info_span!("phase", phase = "agent"));
+    .instrument(info_span!("phase", phase = Phase::Agent.as_str()));
     let ((servers, discover_time), (agent, agent_time)) = tokio::join!(discover, wait);
     let servers = servers?;
     let container_instance = agent?.and_then(|a| a.container_instance_arn);
@@ -136,9 +138,9 @@ pub async fn run(
     phases.extend(agent_time);
 
     // 5. Render the config files.
-    progress.phase("render");
+    progress.phase(Phase::Render);
     let t = Instant::now();
-    let files = info_span!("phase", phase = "render").in_scope(|| {
+    let files = info_span!("phase", phase = Phase::Render.as_str()).in_scope(|| {
         render_files(
             settings,
             facts,
@@ -148,7 +150,7 @@ pub async fn run(
             node.fs,
         )
     })?;
-    phases.push(timed("render", t));
+    phases.push(timed(Phase::Render, t));
 
     Ok(BootReport {
         consul_servers: servers,
@@ -331,8 +333,8 @@ pub fn read_text(fs: &dyn HostFs, path: &str) -> anyhow::Result<String> {
     String::from_utf8(bytes).map_err(|_| anyhow!("{path} is not UTF-8 text"))
 }
 
-/// What templates see.
-fn context<'a>(
+/// What templates (and health-check URLs) see.
+pub fn context<'a>(
     settings: &'a Settings,
     facts: &'a InstanceFacts,
     servers: &'a [String],
@@ -353,41 +355,9 @@ fn context<'a>(
     }
 }
 
-/// The enabled tasks as the supervisor sees them, in start order, health checks rendered.
-pub fn supervised_tasks(
-    settings: &Settings,
-    facts: &InstanceFacts,
-    report: &BootReport,
-) -> anyhow::Result<Vec<TaskSpec>> {
-    let ctx = context(
-        settings,
-        facts,
-        &report.consul_servers,
-        report.container_instance_arn.as_deref(),
-    );
-    let mut specs = Vec::new();
-    for task in settings.start_levels().into_iter().flatten() {
-        let config = &settings.tasks[task.name];
-        let health = config.health.clone().unwrap_or_default();
-        let probe = match (health.http(), health.tcp()) {
-            (Some(url), _) => Some(Probe::Http(render_value(url, &ctx)?)),
-            (None, Some(addr)) => Some(Probe::Tcp(render_value(addr, &ctx)?)),
-            (None, None) => None,
-        };
-        specs.push(TaskSpec {
-            name: task.name.to_string(),
-            depends_on: task.depends_on.to_vec(),
-            probe,
-            interval: health.interval,
-            timeout: health.timeout,
-            unhealthy_threshold: health.unhealthy_threshold,
-            restart_when_unhealthy: health.restart_when_unhealthy,
-            restart_with_dependencies: config.restart_with_dependencies,
-        });
-    }
-    Ok(specs)
-}
-
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,185 @@
+//! The node's standing beside the supervision: the readiness gate, self-healing, and the
+//! drain (on a trigger seen in IMDS or a request on the socket); the board shows them.
+
+use super::node::Booted;
+use super::AbortOnDrop;
+use crate::asg::SdkAutoScaling;
+use crate::aws::AwsCalls;
+use crate::consul::HttpConsul;
+use crate::ecs::SdkEcs;
+use crate::hostfs::RootedFs;
+use crate::lifecycle::drain::{self, wait_for_trigger, DrainRequest, Trigger, Withdraw};
+use crate::lifecycle::heal::SelfHeal;
+use crate::lifecycle::ready::ReadinessGate;
+use crate::phase::Phase;
+use crate::status::{self, Board};
+use crate::supervisor::Supervisor;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::warn;
+
+/// What the node's standing is kept with.
+pub struct Standing<'a> {
+    pub booted: &'a Booted,
+    pub calls: &'a Arc<AwsCalls>,
+    pub supervisor: &'a Supervisor,
+    pub board: &'a Board,
+    pub fs: RootedFs,
+}
+
+impl Standing<'_> {
+    /// Starts the gate, self-healing and the drain's trigger; `resume`: a drain an earlier
+    /// agent began goes on at once. What runs ends when the returned handles are dropped.
+    pub fn start(
+        self,
+        mut drains: tokio::sync::mpsc::Receiver<DrainRequest>,
+        resume: bool,
+    ) -> Vec<AbortOnDrop<()>> {
+        let (settings, facts, report) = (
+            &self.booted.settings,
+            &self.booted.facts,
+            &self.booted.report,
+        );
+        let (sdk, calls, imds) = (&self.booted.sdk, self.calls, self.booted.imds.clone());
+        let (supervisor, board, fs) = (self.supervisor, self.board, self.fs);
+        let lc = &settings.lifecycle;
+        let ecs = Arc::new(SdkEcs::new(sdk, calls.clone()));
+        let asg = Arc::new(SdkAutoScaling::new(sdk, calls.clone()));
+        let mut running = Vec::new();
+
+        let readiness = match &report.container_instance_arn {
+            Some(ci) if !lc.ready_attribute.is_empty() => {
+                let (present, mut seen) = watch::channel(None);
+                // A resumed drain withdraws the attribute from the start.
+                let (withdraw, withdrawn) = watch::channel(resume);
+                let attribute = lc.ready_attribute.clone();
+                board.update(|s| {
+                    s.readiness = Some(status::Readiness {
+                        attribute: attribute.clone(),
+                        set: None,
+                    })
+                });
+                let gate = ReadinessGate {
+                    api: ecs.clone(),
+                    cluster: settings.cluster.clone(),
+                    container_instance: ci.clone(),
+                    attribute,
+                    grace: lc.degraded_grace,
+                    reassert: lc
+                        .ready_attribute_at_join
+                        .then_some(Duration::from_secs(300)),
+                };
+                let withdraw = Withdraw {
+                    withdraw,
+                    present: seen.clone(),
+                };
+                let board = board.clone();
+                running.push(AbortOnDrop(tokio::spawn(gate.run(
+                    supervisor.watch(),
+                    withdrawn,
+                    present,
+                ))));
+                running.push(AbortOnDrop(tokio::spawn(async move {
+                    while seen.changed().await.is_ok() {
+                        let set = *seen.borrow_and_update();
+                        board.update(|s| {
+                            if let Some(r) = &mut s.readiness {
+                                r.set = set;
+                            }
+                        });
+                    }
+                })));
+                Some(withdraw)
+            }
+            _ => None,
+        };
+
+        if !lc.unhealthy_after.is_zero() {
+            let heal = SelfHeal {
+                asg: asg.clone(),
+                instance_id: facts.instance_id.clone(),
+                after: lc.unhealthy_after,
+            };
+            running.push(AbortOnDrop(tokio::spawn(heal.run(supervisor.watch()))));
+        }
+
+        let consul: Arc<dyn crate::consul::ConsulAgent> =
+            match HttpConsul::new(&settings.consul.api) {
+                Ok(c) => Arc::new(c),
+                Err(e) => {
+                    warn!("no Consul client ({e:#}): no drain");
+                    return running;
+                }
+            };
+        let mut drain = drain::Drain {
+            cluster: settings.cluster.clone(),
+            container_instance: report.container_instance_arn.clone(),
+            instance_id: facts.instance_id.clone(),
+            started_by: crate::runtime::ecs::started_by(&facts.instance_id),
+            ecs,
+            consul,
+            asg,
+            control: supervisor.control(),
+            readiness,
+            // The levels in reverse; within a level, the start order (registrator before linkerd).
+            stop_order: settings
+                .start_levels()
+                .into_iter()
+                .rev()
+                .flatten()
+                .map(|t| t.name.to_string())
+                .collect(),
+            consul_task: Some(settings.consul.agent_task.clone()).filter(|t| !t.is_empty()),
+            lifecycle_hook: Some(lc.lifecycle_hook.clone()).filter(|h| !h.is_empty()),
+            tasks_timeout: lc.drain_tasks_timeout,
+            step_timeout: lc.drain_step_timeout,
+        };
+        let (poll, rebalance) = (lc.trigger_poll, lc.drain_on_rebalance);
+        let board = board.clone();
+        running.push(AbortOnDrop(tokio::spawn(async move {
+            let trigger = if resume {
+                Trigger::Resumed
+            } else {
+                tokio::select! {
+                    t = wait_for_trigger(imds.clone(), poll, rebalance) => t,
+                    Some(request) = drains.recv() => {
+                        if let Some(t) = request.tasks_timeout {
+                            drain.tasks_timeout = t;
+                        }
+                        Trigger::Requested
+                    }
+                }
+            };
+            // The node stays drained, whatever happens to this agent.
+            if let Err(e) = drain::record(&fs, trigger) {
+                warn!("cannot record the drain ({e}): a restarted agent would not resume it");
+            }
+            let (progress, mut seen) = watch::channel(None);
+            board.set_phase(Phase::Draining);
+            let follow = {
+                let board = board.clone();
+                async move {
+                    while seen.changed().await.is_ok() {
+                        let d = seen.borrow_and_update().clone();
+                        board.update(|s| s.drain = d);
+                    }
+                }
+            };
+            tokio::join!(
+                async {
+                    drain.run(trigger, &progress).await;
+                    board.set_phase(Phase::Drained);
+                    if trigger != Trigger::Terminated {
+                        drain.complete_when_terminated(imds, poll, &progress).await;
+                    }
+                    drop(progress);
+                },
+                follow
+            );
+            // Later requests find the drain done; the socket keeps answering.
+            while drains.recv().await.is_some() {}
+        })));
+        running
+    }
+}
