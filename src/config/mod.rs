@@ -7,16 +7,18 @@
 
 pub mod layers;
 mod load;
+mod tags;
 mod types;
 mod validate;
+mod values;
 
-pub use load::{
-    dotted_key, from_fragments, from_layers, ConfigError, Fragment, Loaded, DEFAULTS, TAG_PREFIX,
-};
+pub use load::{dotted_key, from_fragments, from_layers, ConfigError, Fragment, Loaded, DEFAULTS};
+pub use tags::TAG_PREFIX;
 
 pub use layers::Location;
 pub use types::*;
 pub use validate::looks_secret;
+pub use values::{HttpUrl, Mode};
 
 /// Where the main configuration file lives on a node.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/nodeagent/nodeagent.toml";

@@ -3,11 +3,11 @@
 //! parses is one later code uses as it is, never re-parsed or defaulted again; what types alone
 //! cannot say is checked in [`super::validate`].
 
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use super::values::{HttpUrl, Mode};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::time::Duration;
-use url::Url;
 
 /// The validated settings. Every struct carries `#[serde(default)]` so that a single fragment
 /// (which may set only a few keys) can be type-checked on its own; the real defaults come from
@@ -404,50 +404,6 @@ impl Settings {
     }
 }
 
-/// Permission bits, written in octal ("0644", "644" or "0o644").
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Mode(pub u32);
-
-impl Mode {
-    pub fn bits(self) -> u32 {
-        self.0
-    }
-
-    pub fn parse(text: &str) -> Option<Mode> {
-        let digits = text.strip_prefix("0o").unwrap_or(text);
-        if digits.is_empty() || digits.len() > 4 {
-            return None;
-        }
-        u32::from_str_radix(digits, 8)
-            .ok()
-            .filter(|m| *m <= 0o7777)
-            .map(Mode)
-    }
-}
-
-impl std::fmt::Display for Mode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:04o}", self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Mode {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Mode, D::Error> {
-        let text = String::deserialize(d)?;
-        Mode::parse(&text).ok_or_else(|| {
-            serde::de::Error::custom(format!(
-                "mode {text:?}: expected octal permission bits such as \"0644\""
-            ))
-        })
-    }
-}
-
-impl Serialize for Mode {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
 /// `metrics.listen`: `""` is none, else `ADDRESS:PORT`.
 mod listen_address {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -467,47 +423,5 @@ mod listen_address {
 
     pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&v.map(|a| a.to_string()).unwrap_or_default())
-    }
-}
-
-/// An `http://` or `https://` URL (a local service's API).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpUrl(pub Url);
-
-impl Default for HttpUrl {
-    /// Only while a fragment is checked alone: the built-in defaults always set the real one.
-    fn default() -> Self {
-        HttpUrl(Url::parse("http://localhost/").expect("a URL"))
-    }
-}
-
-impl std::ops::Deref for HttpUrl {
-    type Target = Url;
-    fn deref(&self) -> &Url {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for HttpUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl<'de> Deserialize<'de> for HttpUrl {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<HttpUrl, D::Error> {
-        let text = String::deserialize(d)?;
-        match Url::parse(&text) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") => Ok(HttpUrl(url)),
-            _ => Err(serde::de::Error::custom(format!(
-                "{text:?} is not an http(s) URL"
-            ))),
-        }
-    }
-}
-
-impl Serialize for HttpUrl {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.0.as_str())
     }
 }

@@ -353,16 +353,6 @@ mod tests {
     }
 
     #[test]
-    fn modes_parse_as_octal() {
-        assert_eq!(Mode::parse("0755"), Some(Mode(0o755)));
-        assert_eq!(Mode::parse("644"), Some(Mode(0o644)));
-        assert_eq!(Mode::parse("0o600"), Some(Mode(0o600)));
-        assert_eq!(Mode::parse("0999"), None);
-        assert_eq!(Mode::parse(""), None);
-        assert_eq!(Mode(0o600).to_string(), "0600");
-    }
-
-    #[test]
     fn lifecycle_keys_reach_ecs_config() {
         let settings = |text: &str| from_fragments(&[Fragment::file("t", text)]);
         let docker = "runtime = \"docker\"\n[tasks.consul-agent.container]\nmemory_mb = 100\n\

@@ -1,192 +1,54 @@
-//! Docker Engine boundary: owns every call nodeagent makes to the local Docker Engine — list,
-//! inspect, run, stop, remove and tail the logs of containers, and follow container events.
-//!
-//! Containers are found by the labels the caller gives; this module invents none. Images are
-//! never pulled (there may be no registry): a missing image is an error naming it.
-//!
-//! API version: the engine on the nodes is Debian's docker.io 20.10, which speaks Engine API
-//! 1.41 at most, while bollard defaults to a newer one. [`BollardDocker::connect`] negotiates
-//! (`GET /version`) at connect time. Connecting never fails because the engine is down: the
-//! calls then use a client pinned at 1.41, and negotiation is tried again before each call
-//! until it succeeds once (so an engine that starts later, of any version, is talked to in
-//! its own version). Note: bollard 0.21.1 actually sends unversioned paths (`/containers/json`,
-//! its URL join drops the `/vX.Y` prefix), which every engine answers in its own newest
-//! version; the negotiated version keeps this correct should bollard start sending it.
-//!
-//! Every call has a time limit ([`CALL_TIMEOUT`]; stopping gets the grace period on top), and
-//! every error names the engine and the container or image concerned.
+//! The engine behind [`super::BollardDocker`]: bollard clients (negotiated or pinned to the
+//! fallback API version), each call's error naming the engine, and the translations between
+//! bollard's models and the boundary's types.
 
+use super::{ContainerInfo, ContainerSpec, DockerEvent, EngineAbsent};
 use anyhow::{anyhow, Context};
-use async_trait::async_trait;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
     ContainerCreateBody, ContainerInspectResponse, EventMessage, EventMessageTypeEnum, HostConfig,
     RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    EventsOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bollard::{ClientVersion, API_DEFAULT_VERSION};
-use futures_util::stream::{self, BoxStream, StreamExt};
-use std::collections::{BTreeMap, HashMap};
-use std::future::{ready, Future};
-use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use futures_util::stream::StreamExt;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::OnceLock;
+use std::time::Duration;
 use tracing::{debug, warn};
 
-/// Time limit of one call to the engine (connection and version negotiation included).
-pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Used when the engine cannot be asked: what Debian's docker.io 20.10 speaks.
-const FALLBACK_API: ClientVersion = ClientVersion {
+pub(super) const FALLBACK_API: ClientVersion = ClientVersion {
     major_version: 1,
     minor_version: 41,
 };
 
 /// bollard's own per-request limit. Ours ([`CALL_TIMEOUT`], wrapped around every call) is the
 /// one that counts; bollard's must not cut a long stop short.
-const BOLLARD_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+pub(super) const BOLLARD_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 
 /// Where bollard connects without DOCKER_HOST.
-const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
+pub(super) const DEFAULT_HOST: &str = "unix:///var/run/docker.sock";
 
 /// Docker's "never" timestamp (`StartedAt` of a container never started).
-const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
-
-/// What to run. Host paths in `binds` are already final (the caller applied --root).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ContainerSpec {
-    pub image: String,
-    /// Empty: the image's default command.
-    pub command: Vec<String>,
-    /// `None`: the image's entrypoint; `Some(vec![])`: no entrypoint at all.
-    pub entrypoint: Option<Vec<String>>,
-    pub env: BTreeMap<String, String>,
-    /// "host:container[:ro]".
-    pub binds: Vec<String>,
-    pub memory_bytes: Option<i64>,
-    pub labels: BTreeMap<String, String>,
-}
-
-/// A container as the engine reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerInfo {
-    pub id: String,
-    /// As the engine reports them: the image's labels, then the container's.
-    pub labels: BTreeMap<String, String>,
-    pub running: bool,
-    /// Only when not running.
-    pub exit_code: Option<i64>,
-    pub oom_killed: bool,
-    /// RFC 3339, as Docker reports it; `None` if it never started.
-    pub started_at: Option<String>,
-    /// RFC 3339, as Docker reports it; `None` if it never finished.
-    pub finished_at: Option<String>,
-}
-
-/// Container events (no other kind is reported).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DockerEvent {
-    Started { id: String },
-    Died { id: String, exit_code: Option<i64> },
-    Oom { id: String },
-    Destroyed { id: String },
-}
-
-#[async_trait]
-pub trait Docker: Send + Sync {
-    async fn ping(&self) -> anyhow::Result<()>;
-    /// All containers (running or not) carrying every label `key=value` given.
-    async fn list(&self, labels: &[(String, String)]) -> anyhow::Result<Vec<ContainerInfo>>;
-    /// `None` when the container does not exist (any more).
-    async fn inspect(&self, id: &str) -> anyhow::Result<Option<ContainerInfo>>;
-    /// Create and start; host network, no restart policy, an init process. Returns the id.
-    async fn run(&self, spec: &ContainerSpec) -> anyhow::Result<String>;
-    /// Stop with a grace period, then remove (force); a missing container is not an error.
-    async fn stop_and_remove(&self, id: &str, grace: Duration) -> anyhow::Result<()>;
-    /// The last `lines` lines of stdout+stderr.
-    async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String>;
-    /// Container events for containers carrying every given label, from now on. The stream ends
-    /// (or yields an Err, then ends) when the engine goes away; the caller reconnects.
-    fn events(
-        &self,
-        labels: &[(String, String)],
-    ) -> BoxStream<'static, anyhow::Result<DockerEvent>>;
-}
-
-/// The real engine, through bollard.
-pub struct BollardDocker {
-    engine: Arc<Engine>,
-}
-
-impl BollardDocker {
-    /// Connects through bollard's local defaults (DOCKER_HOST, else /var/run/docker.sock).
-    /// Does not fail when the engine is down (see the module documentation).
-    pub async fn connect() -> anyhow::Result<Self> {
-        let host = std::env::var("DOCKER_HOST")
-            .ok()
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| DEFAULT_HOST.to_string());
-        Self::connect_to(&host).await
-    }
-
-    /// Connects to the engine at `host` ("unix:///path/docker.sock", "tcp://host:port").
-    /// Negotiates the API version now if the engine answers; fails only for an address that
-    /// can never work (unsupported scheme).
-    pub async fn connect_to(host: &str) -> anyhow::Result<Self> {
-        let engine = Arc::new(Engine {
-            host: host.to_string(),
-            negotiated: OnceLock::new(),
-            pinned: OnceLock::new(),
-        });
-        // An unusable address is a configuration error: report it now, not at every call.
-        if let Err(e @ BollardError::UnsupportedURISchemeError { .. }) =
-            bollard_client(host, &FALLBACK_API)
-        {
-            return Err(anyhow!(e)).with_context(|| {
-                format!(
-                    "cannot use Docker engine address {host:?}: use unix:///PATH or \
-                     tcp://HOST:PORT (DOCKER_HOST)"
-                )
-            });
-        }
-        match tokio::time::timeout(CALL_TIMEOUT, engine.negotiate()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                debug!(
-                    "Docker engine at {host}: no version negotiation yet, using API {}.{} \
-                     until it answers: {e:#}",
-                    FALLBACK_API.major_version, FALLBACK_API.minor_version
-                );
-            }
-            Err(_) => {
-                debug!(
-                    "Docker engine at {host}: version negotiation timed out after {CALL_TIMEOUT:?}"
-                );
-            }
-        }
-        Ok(BollardDocker { engine })
-    }
-
-    /// The engine address, for messages.
-    pub fn host(&self) -> &str {
-        &self.engine.host
-    }
-}
+pub(super) const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
 /// The connection state shared by the calls and the event streams.
-struct Engine {
-    host: String,
+pub(super) struct Engine {
+    pub(super) host: String,
     /// Set once the engine has told its version.
-    negotiated: OnceLock<bollard::Docker>,
+    pub(super) negotiated: OnceLock<bollard::Docker>,
     /// Used while the engine cannot be asked.
-    pinned: OnceLock<bollard::Docker>,
+    pub(super) pinned: OnceLock<bollard::Docker>,
 }
 
 impl Engine {
     /// The client for the next request: the negotiated one, else (negotiation failing again)
     /// the one pinned at [`FALLBACK_API`].
-    async fn client(&self) -> anyhow::Result<bollard::Docker> {
+    pub(super) async fn client(&self) -> anyhow::Result<bollard::Docker> {
         if let Some(client) = self.negotiated.get() {
             return Ok(client.clone());
         }
@@ -207,7 +69,7 @@ impl Engine {
         }
     }
 
-    async fn negotiate(&self) -> anyhow::Result<bollard::Docker> {
+    pub(super) async fn negotiate(&self) -> anyhow::Result<bollard::Docker> {
         let client = bollard_client(&self.host, API_DEFAULT_VERSION)
             .map_err(|e| engine_error(&self.host, e))?;
         let client = client
@@ -224,7 +86,7 @@ impl Engine {
     }
 
     /// Runs `call` within `limit`, naming what timed out.
-    async fn within<T>(
+    pub(super) async fn within<T>(
         &self,
         limit: Duration,
         what: impl FnOnce() -> String,
@@ -241,7 +103,7 @@ impl Engine {
         }
     }
 
-    async fn ping(&self) -> anyhow::Result<()> {
+    pub(super) async fn ping(&self) -> anyhow::Result<()> {
         let client = self.client().await?;
         client
             .ping()
@@ -250,7 +112,10 @@ impl Engine {
         Ok(())
     }
 
-    async fn list(&self, labels: &[(String, String)]) -> anyhow::Result<Vec<ContainerInfo>> {
+    pub(super) async fn list(
+        &self,
+        labels: &[(String, String)],
+    ) -> anyhow::Result<Vec<ContainerInfo>> {
         let client = self.client().await?;
         let options = ListContainersOptions {
             all: true,
@@ -276,7 +141,7 @@ impl Engine {
         Ok(infos)
     }
 
-    async fn run(&self, spec: &ContainerSpec) -> anyhow::Result<String> {
+    pub(super) async fn run(&self, spec: &ContainerSpec) -> anyhow::Result<String> {
         let image = &spec.image;
         let client = self.client().await?;
         let created = match client.create_container(None, create_body(spec)).await {
@@ -313,7 +178,7 @@ impl Engine {
         Ok(id)
     }
 
-    async fn stop_and_remove(&self, id: &str, grace: Duration) -> anyhow::Result<()> {
+    pub(super) async fn stop_and_remove(&self, id: &str, grace: Duration) -> anyhow::Result<()> {
         let client = self.client().await?;
         let options = StopContainerOptions {
             t: Some(grace_secs(grace)),
@@ -328,7 +193,7 @@ impl Engine {
         }
     }
 
-    async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String> {
+    pub(super) async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String> {
         let client = self.client().await?;
         let options = LogsOptions {
             stdout: true,
@@ -347,7 +212,7 @@ impl Engine {
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
-    async fn inspect(
+    pub(super) async fn inspect(
         &self,
         client: &bollard::Docker,
         id: &str,
@@ -361,7 +226,7 @@ impl Engine {
     }
 
     /// Forced removal (with the container's anonymous volumes); missing is fine.
-    async fn remove(&self, client: &bollard::Docker, id: &str) -> anyhow::Result<()> {
+    pub(super) async fn remove(&self, client: &bollard::Docker, id: &str) -> anyhow::Result<()> {
         let options = RemoveContainerOptions {
             force: true,
             // Anonymous volumes (image VOLUMEs) only: they would pile up at every restart.
@@ -383,7 +248,10 @@ impl Engine {
 
 /// A bollard client for `host` speaking `version`. Does not touch the engine, except that a
 /// unix socket must exist.
-fn bollard_client(host: &str, version: &ClientVersion) -> Result<bollard::Docker, BollardError> {
+pub(super) fn bollard_client(
+    host: &str,
+    version: &ClientVersion,
+) -> Result<bollard::Docker, BollardError> {
     if host.starts_with("unix://") {
         bollard::Docker::connect_with_unix(host, BOLLARD_TIMEOUT_SECS, version)
     } else if host.starts_with("tcp://") || host.starts_with("http://") {
@@ -396,7 +264,7 @@ fn bollard_client(host: &str, version: &ClientVersion) -> Result<bollard::Docker
 }
 
 /// The HTTP status of an engine answer, if the error is one.
-fn status(e: &BollardError) -> Option<u16> {
+pub(super) fn status(e: &BollardError) -> Option<u16> {
     match e {
         BollardError::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,
@@ -404,12 +272,7 @@ fn status(e: &BollardError) -> Option<u16> {
 }
 
 /// A bollard error as a message that says where and, for an unreachable engine, what to check.
-/// No Docker engine listens where nodeagent looks (the socket is missing, or refuses).
-#[derive(Debug, thiserror::Error)]
-#[error("the Docker engine socket {0} does not exist or refuses connections: is dockerd running? (check `systemctl status docker`)")]
-pub struct EngineAbsent(pub String);
-
-fn engine_error(host: &str, e: BollardError) -> anyhow::Error {
+pub(super) fn engine_error(host: &str, e: BollardError) -> anyhow::Error {
     match e {
         BollardError::SocketNotFoundError(path) => anyhow!(EngineAbsent(path)),
         BollardError::IOError { err } if err.kind() == std::io::ErrorKind::ConnectionRefused => {
@@ -429,11 +292,11 @@ fn engine_error(host: &str, e: BollardError) -> anyhow::Error {
     }
 }
 
-fn label_filters(labels: &[(String, String)]) -> Vec<String> {
+pub(super) fn label_filters(labels: &[(String, String)]) -> Vec<String> {
     labels.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
-fn describe_labels(labels: &[(String, String)]) -> String {
+pub(super) fn describe_labels(labels: &[(String, String)]) -> String {
     if labels.is_empty() {
         "any labels".to_string()
     } else {
@@ -441,7 +304,7 @@ fn describe_labels(labels: &[(String, String)]) -> String {
     }
 }
 
-fn info_from(response: ContainerInspectResponse) -> ContainerInfo {
+pub(super) fn info_from(response: ContainerInspectResponse) -> ContainerInfo {
     let state = response.state.unwrap_or_default();
     let running = state.running.unwrap_or(false);
     let when = |t: Option<String>| t.filter(|t| !t.is_empty() && t != ZERO_TIME);
@@ -461,7 +324,7 @@ fn info_from(response: ContainerInspectResponse) -> ContainerInfo {
     }
 }
 
-fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
+pub(super) fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
     ContainerCreateBody {
         image: Some(spec.image.clone()),
         cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
@@ -492,7 +355,7 @@ fn create_body(spec: &ContainerSpec) -> ContainerCreateBody {
     }
 }
 
-fn event_from(message: EventMessage) -> Option<DockerEvent> {
+pub(super) fn event_from(message: EventMessage) -> Option<DockerEvent> {
     if message.typ != Some(EventMessageTypeEnum::CONTAINER) {
         return None;
     }
@@ -515,123 +378,20 @@ fn event_from(message: EventMessage) -> Option<DockerEvent> {
 }
 
 /// Seconds for the engine's stop timeout: rounded up, so a grace is never shortened.
-fn grace_secs(grace: Duration) -> i32 {
+pub(super) fn grace_secs(grace: Duration) -> i32 {
     let secs = grace
         .as_secs()
         .saturating_add(u64::from(grace.subsec_nanos() > 0));
     i32::try_from(secs).unwrap_or(i32::MAX)
 }
 
-#[async_trait]
-impl Docker for BollardDocker {
-    async fn ping(&self) -> anyhow::Result<()> {
-        let engine = &self.engine;
-        engine
-            .within(CALL_TIMEOUT, || "ping".to_string(), engine.ping())
-            .await
-    }
-
-    async fn list(&self, labels: &[(String, String)]) -> anyhow::Result<Vec<ContainerInfo>> {
-        let engine = &self.engine;
-        let what = || format!("listing containers with {}", describe_labels(labels));
-        engine.within(CALL_TIMEOUT, what, engine.list(labels)).await
-    }
-
-    async fn inspect(&self, id: &str) -> anyhow::Result<Option<ContainerInfo>> {
-        let engine = &self.engine;
-        let what = || format!("inspecting container {id}");
-        let call = async { engine.inspect(&engine.client().await?, id).await };
-        engine.within(CALL_TIMEOUT, what, call).await
-    }
-
-    async fn run(&self, spec: &ContainerSpec) -> anyhow::Result<String> {
-        let engine = &self.engine;
-        let what = || format!("starting a container from image {}", spec.image);
-        engine.within(CALL_TIMEOUT, what, engine.run(spec)).await
-    }
-
-    async fn stop_and_remove(&self, id: &str, grace: Duration) -> anyhow::Result<()> {
-        let engine = &self.engine;
-        let what = || format!("stopping container {id} (grace {grace:?})");
-        let call = engine.stop_and_remove(id, grace);
-        engine
-            .within(grace.saturating_add(CALL_TIMEOUT), what, call)
-            .await
-    }
-
-    async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String> {
-        let engine = &self.engine;
-        let what = || format!("reading the logs of container {id}");
-        engine
-            .within(CALL_TIMEOUT, what, engine.logs_tail(id, lines))
-            .await
-    }
-
-    fn events(
-        &self,
-        labels: &[(String, String)],
-    ) -> BoxStream<'static, anyhow::Result<DockerEvent>> {
-        let engine = Arc::clone(&self.engine);
-        let what = format!("container events for {}", describe_labels(labels));
-        // "From now on" means from this call, not from the first poll: a container that
-        // starts and dies in between must still be reported. The engine is local, so its
-        // clock is ours.
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
-        let options = EventsOptions {
-            since: Some(format!("{}.{:09}", now.as_secs(), now.subsec_nanos())),
-            filters: Some(HashMap::from([
-                ("type".to_string(), vec!["container".to_string()]),
-                (
-                    "event".to_string(),
-                    ["start", "die", "oom", "destroy"]
-                        .map(String::from)
-                        .to_vec(),
-                ),
-                ("label".to_string(), label_filters(labels)),
-            ])),
-            ..Default::default()
-        };
-        let connect = async move {
-            let connecting = || format!("connecting for {what}");
-            let client = engine
-                .within(CALL_TIMEOUT, connecting, engine.client())
-                .await
-                .with_context(|| format!("cannot follow {what}"))?;
-            Ok::<_, anyhow::Error>((client, engine, what))
-        };
-        stream::once(connect)
-            .flat_map(move |connected| match connected {
-                Ok((client, engine, what)) => client
-                    .events(Some(options.clone()))
-                    .map(move |message| match message {
-                        Ok(message) => Ok(event_from(message)),
-                        Err(e) => Err(engine_error(&engine.host, e))
-                            .with_context(|| format!("{what}: the stream broke")),
-                    })
-                    .boxed(),
-                Err(e) => stream::iter([Err(e)]).boxed(),
-            })
-            // Nothing after an error: the caller reconnects.
-            .scan(false, |failed, item| {
-                if *failed {
-                    return ready(None);
-                }
-                *failed = item.is_err();
-                ready(Some(item))
-            })
-            .filter_map(|item| ready(item.transpose()))
-            .boxed()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use bollard::models::EventActor;
+    use std::collections::BTreeMap;
 
-    fn message(
+    pub(super) fn message(
         typ: EventMessageTypeEnum,
         action: &str,
         attributes: &[(&str, &str)],
@@ -653,7 +413,7 @@ mod tests {
     }
 
     #[test]
-    fn maps_container_events_only() {
+    pub(super) fn maps_container_events_only() {
         use EventMessageTypeEnum::*;
         let id = "abc".to_string();
         assert_eq!(
@@ -687,7 +447,7 @@ mod tests {
     }
 
     #[test]
-    fn grace_rounds_up_to_whole_seconds() {
+    pub(super) fn grace_rounds_up_to_whole_seconds() {
         assert_eq!(grace_secs(Duration::ZERO), 0);
         assert_eq!(grace_secs(Duration::from_millis(1500)), 2);
         assert_eq!(grace_secs(Duration::from_secs(30)), 30);
@@ -695,7 +455,7 @@ mod tests {
     }
 
     #[test]
-    fn spec_becomes_host_network_init_and_no_restart() {
+    pub(super) fn spec_becomes_host_network_init_and_no_restart() {
         let body = create_body(&ContainerSpec {
             image: "x:1".into(),
             entrypoint: Some(vec![]),
