@@ -90,7 +90,10 @@ fn prepare_image_removes_exactly_the_instance_identity() {
         "only nodeagent's keys go"
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("removed /opt/consul/data/node-id\n"), "{stdout}");
+    assert!(
+        stdout.contains("removed /opt/consul/data/node-id\n"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("removed /etc/ecs/ecs.config: ECS_CLUSTER"),
         "{stdout}"

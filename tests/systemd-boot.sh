@@ -104,7 +104,11 @@ wait_running() {
     case "$state" in running|degraded) break ;; esac
     sleep 0.2
   done
-  [ "$state" = running ] || { inside systemctl --failed --no-pager >&2 || true; fail "systemd is $state, not running"; }
+  [ "$state" = running ] || {
+    inside systemctl --failed --no-pager >&2 || true
+    inside journalctl -b --no-pager -u nodeagent -u nodeagent-prepare -u ecs >&2 || true
+    fail "systemd is $state, not running"
+  }
 }
 wait_running
 echo "== systemd is running in the node ($(inside systemctl --version | head -n1))"

@@ -323,6 +323,67 @@ mod tests {
         }
     }
 
+    /// The JSON document is version 1: the typed phase and states serialize as the strings
+    /// they always were, fields in their documented order.
+    #[test]
+    fn the_status_document_keeps_its_shape() {
+        let s = NodeStatus {
+            version: SCHEMA_VERSION,
+            instance_id: Some("i-1".into()),
+            phase: Phase::Supervise,
+            phases: vec![PhaseTime {
+                phase: Phase::Discover,
+                started_ms: 1.5,
+                took_ms: 2.0,
+            }],
+            tasks: vec![Task {
+                last_exit: Some(Exit {
+                    code: Some(3),
+                    reason: "died".into(),
+                }),
+                ..task("linkerd", State::CrashLoop, 7)
+            }],
+            ..NodeStatus::default()
+        };
+        let mut json = serde_json::to_value(&s).unwrap();
+        json["tasks"][0]["since"] = "T".into();
+        assert_eq!(
+            serde_json::to_string(&json).unwrap(),
+            r#"{"aws_calls":{},"cluster":"","consul":{"found_at":null,"servers":[]},"container_instance_arn":null,"drain":null,"files":[],"healthy":false,"instance_id":"i-1","node":null,"phase":"supervise","phase_detail":null,"phases":[{"phase":"discover","started_ms":1.5,"took_ms":2.0}],"readiness":null,"runtime":"","started_at":"","tasks":[{"adopted":false,"health":null,"health_latency_ms":null,"instance":null,"last_exit":{"code":3,"reason":"died"},"last_output":null,"name":"linkerd","restarts":7,"runtime":"docker","since":"T","state":"crash-loop"}],"version":1}"#
+        );
+        let keys: Vec<String> = serde_json::to_string_pretty(&s)
+            .unwrap()
+            .lines()
+            .filter(|l| l.starts_with("  \"") && l.contains("\":"))
+            .map(|l| l.trim().split('"').nth(1).unwrap().to_string())
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                "version",
+                "instance_id",
+                "node",
+                "phase",
+                "phase_detail",
+                "healthy",
+                "started_at",
+                "phases",
+                "cluster",
+                "runtime",
+                "container_instance_arn",
+                "readiness",
+                "drain",
+                "consul",
+                "tasks",
+                "files",
+                "aws_calls"
+            ],
+            "the documented order"
+        );
+        let back: NodeStatus = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back, s, "the client reads what the server writes");
+    }
+
     #[test]
     fn healthy_means_supervising_with_every_task_healthy() {
         let board = Board::new("c", "docker", None);

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# The main job, locally: bring up the emulated world (moto for EC2/ECS, the IMDSv2 and ECS agent
-# fixtures), run nodeagent's whole boot against it under a temporary --root, then show what it
-# did: the tasks in the emulated ECS and the files it rendered. Then the same node with the
-# docker runtime on a private Docker engine: real containers (busybox stand-ins for Consul,
-# registrator and linkerd: no registry is reachable here), supervised — one is killed and
-# replaced. Everything it starts is stopped by PID on exit. NODEAGENT_DEMO_ROOT=DIR keeps the
-# root for a look afterwards.
+# The demo — not a test: a node's whole boot, locally, against the test world (moto for EC2/ECS,
+# the IMDSv2 and ECS agent fixtures), printed as it goes. First `nodeagent run --once` with the
+# ECS runtime (the default) under a temporary --root: the tasks it started in the emulated ECS
+# and the files it rendered. Then the same node with the docker runtime on a private Docker
+# engine, the DEFAULT task configuration run by faithful stand-ins of the Consul, registrator
+# and linkerd images (tests/world/standins.sh; no registry is reachable here): `nodeagent
+# status`, one task killed and replaced. It runs in a network namespace of its own (the
+# stand-ins listen on the real ports, 8500 and 9990, of the node's address 127.0.0.1 there).
+# Everything it starts is stopped by PID on exit. NODEAGENT_DEMO_ROOT=DIR keeps the root.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
+if [ -z "${NODEAGENT_NETNS:-}" ]; then
+  exec unshare --net -- env NODEAGENT_NETNS=1 sh -c 'ip link set lo up && exec "$@"' sh \
+    bash "$0" "$@"
+fi
 
-command -v cargo >/dev/null || { echo "main-job.sh: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
+command -v cargo >/dev/null || { echo "demo.sh: cargo not found: install the Rust toolchain (rustup)" >&2; exit 1; }
 PY=$(bash tests/world/setup.sh | tail -n1)
 cargo build --locked --quiet
 BIN=${CARGO_TARGET_DIR:-target}/debug/nodeagent
@@ -28,7 +34,8 @@ cleanup() {
 trap cleanup EXIT
 
 # The world prints one JSON line once it is up.
-exec 3< <("$PY" tests/world/world.py serve --ecs-config "$ROOT/etc/ecs/ecs.config" 2>"$ROOT/world.log")
+exec 3< <("$PY" tests/world/world.py serve --ecs-config "$ROOT/etc/ecs/ecs.config" \
+  --imds-set local-ipv4=127.0.0.1 2>"$ROOT/world.log")
 WORLD_PID=$!
 read -r WORLD <&3 || { cat "$ROOT/world.log" >&2; exit 1; }
 field() { "$PY" -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$WORLD" "$1"; }
@@ -74,30 +81,15 @@ echo "== the docker runtime: the same node, its tasks as containers on a private
 bash tests/world/dockerd.sh install >&2
 ENGINE_DIR=$(mktemp -d /tmp/na-demo-XXXX)
 export DOCKER_HOST=$(bash tests/world/dockerd.sh start "$ENGINE_DIR")
-IMAGE=$(bash tests/world/dockerd.sh image "$DOCKER_HOST")
-port() { "$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-CONSUL_PORT=$(port); LINKERD_PORT=$(port)
+bash tests/world/standins.sh build "$DOCKER_HOST" >/dev/null
+# The node's Docker socket (registrator's mount) is the engine's.
+mkdir -p "$ROOT/var/run"
+ln -sf "${DOCKER_HOST#unix://}" "$ROOT/var/run/docker.sock"
 cat > "$ROOT/docker.toml" <<TOML
+# The defaults (images, commands, mounts, health checks), on the docker runtime.
 runtime = "docker"
 [ecs]
-join = false                 # no ECS agent needed on this node
-[tasks.consul-agent.container]
-image = "$IMAGE"
-command = ["httpd", "-f", "-p", "127.0.0.1:$CONSUL_PORT", "-h", "/var/www"]
-mounts = ["/opt/consul/config:/etc/consul:ro"]
-[tasks.consul-agent.health]
-http = "http://127.0.0.1:$CONSUL_PORT/"
-[tasks.consul-registrator.container]
-image = "$IMAGE"
-entrypoint = []
-command = ["sleep", "100000"]
-mounts = ["/opt/consul-registrator/bin:/bin/consul-registrator:ro"]
-[tasks.linkerd.container]
-image = "$IMAGE"
-command = ["httpd", "-f", "-p", "127.0.0.1:$LINKERD_PORT", "-h", "/var/www"]
-mounts = ["/etc/linkerd:/etc/linkerd:ro"]
-[tasks.linkerd.health]
-http = "http://127.0.0.1:$LINKERD_PORT/"
+introspection_url = "$(field agent_url)"
 TOML
 AWS_ENDPOINT_URL=$(field moto_url) \
 AWS_EC2_METADATA_SERVICE_ENDPOINT=$(field imds_url) \
@@ -105,20 +97,22 @@ AWS_REGION=$(field region) AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testi
   "$BIN" run --config "$ROOT/docker.toml" --root "$ROOT" 2>"$ROOT/docker-runtime.log" &
 AGENT_PID=$!
 NODE=$(field instance_id)
-containers() { docker -H "$DOCKER_HOST" ps --filter "label=io.nodeagent.node=$NODE" --format '{{.ID}}  {{.Label "io.nodeagent.task"}}  {{.Status}}'; }
-for _ in $(seq 100); do [ "$(containers | wc -l)" = 3 ] && break; sleep 0.2; done
-containers
+containers() { docker -H "$DOCKER_HOST" ps --filter "label=io.nodeagent.node=$NODE" --format '{{.ID}}  {{.Label "io.nodeagent.task"}}  {{.Image}}  {{.Status}}'; }
 status() { "$BIN" status --root "$ROOT" "$@"; }
-for _ in $(seq 100); do status >/dev/null 2>&1 && break; sleep 0.2; done
+for _ in $(seq 300); do status >/dev/null 2>&1 && break; sleep 0.2; done
+containers
 echo "-- nodeagent status (exit 0: healthy)"
 status
+echo "-- as the Consul image runs it: uid 100, reading the file nodeagent wrote"
+stat -c '%a %u:%g %n' "$ROOT/opt/consul/config" "$ROOT/opt/consul/config/consul-agent.json" "$ROOT/opt/consul/data/node-id"
 VICTIM=$(docker -H "$DOCKER_HOST" ps -q --filter "label=io.nodeagent.node=$NODE" --filter label=io.nodeagent.task=linkerd)
 echo "-- docker kill $VICTIM (linkerd)"
 docker -H "$DOCKER_HOST" kill "$VICTIM" >/dev/null
-for _ in $(seq 100); do containers | grep -q linkerd && ! containers | grep -q "^$VICTIM" && break; sleep 0.1; done
-sleep 1
+for _ in $(seq 300); do
+  status --json 2>/dev/null | grep -q '"restarts": 1' && status >/dev/null 2>&1 && break
+  sleep 0.2
+done
 containers
-for _ in $(seq 100); do status >/dev/null 2>&1 && break; sleep 0.2; done
 echo "-- nodeagent status: linkerd restarted once"
 status
 echo "-- nodeagent's log (docker runtime)"
