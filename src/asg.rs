@@ -2,14 +2,17 @@
 //! group's name, completing a terminating lifecycle hook, and marking the instance unhealthy so
 //! the group replaces it.
 
-use crate::aws::{describe, AwsCalls};
-use anyhow::{anyhow, Context};
+use crate::aws::AwsCalls;
+use anyhow::Context;
 use async_trait::async_trait;
 use std::sync::Arc;
+use std::time::Duration;
 
 const DESCRIBE_INSTANCES: &str = "autoscaling:DescribeAutoScalingInstances";
 const COMPLETE_LIFECYCLE_ACTION: &str = "autoscaling:CompleteLifecycleAction";
 const SET_INSTANCE_HEALTH: &str = "autoscaling:SetInstanceHealth";
+const HEARTBEAT: &str = "autoscaling:RecordLifecycleActionHeartbeat";
+const DESCRIBE_HOOKS: &str = "autoscaling:DescribeLifecycleHooks";
 
 #[async_trait]
 pub trait AutoScaling: Send + Sync {
@@ -22,6 +25,16 @@ pub trait AutoScaling: Send + Sync {
         hook: &str,
         instance_id: &str,
     ) -> anyhow::Result<()>;
+    /// `RecordLifecycleActionHeartbeat`: the hook waits its heartbeat timeout again.
+    async fn record_heartbeat(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+    ) -> anyhow::Result<()>;
+    /// The hook's heartbeat timeout (`DescribeLifecycleHooks`); `None` when the group has no
+    /// such hook.
+    async fn heartbeat_timeout(&self, group: &str, hook: &str) -> anyhow::Result<Option<Duration>>;
     /// `SetInstanceHealth Unhealthy`: the group replaces the instance.
     async fn set_unhealthy(&self, instance_id: &str) -> anyhow::Result<()>;
 }
@@ -49,10 +62,9 @@ impl AutoScaling for SdkAutoScaling {
             .instance_ids(instance_id)
             .send()
             .await;
-        self.calls.record(DESCRIBE_INSTANCES, out.is_ok());
-        let out = out.map_err(|e| anyhow!(describe(&e))).with_context(|| {
-            format!("{DESCRIBE_INSTANCES} of {instance_id} failed; the instance role needs autoscaling:DescribeAutoScalingInstances")
-        })?;
+        let out = self
+            .calls
+            .record(DESCRIBE_INSTANCES, || format!("of {instance_id}"), out)?;
         Ok(out
             .auto_scaling_instances()
             .first()
@@ -75,10 +87,54 @@ impl AutoScaling for SdkAutoScaling {
             .lifecycle_action_result("CONTINUE")
             .send()
             .await;
-        self.calls.record(COMPLETE_LIFECYCLE_ACTION, out.is_ok());
-        out.map(|_| ()).map_err(|e| anyhow!(describe(&e))).with_context(|| {
-            format!("{COMPLETE_LIFECYCLE_ACTION} (group {group}, hook {hook}) failed; the instance role needs autoscaling:CompleteLifecycleAction, and lifecycle.lifecycle_hook must name the group's terminating hook")
-        })
+        self.calls
+            .record(
+                COMPLETE_LIFECYCLE_ACTION,
+                || format!("(group {group}, hook {hook})"),
+                out,
+            )
+            .map(|_| ())
+            .context("lifecycle.lifecycle_hook must name the group's terminating hook")
+    }
+
+    async fn record_heartbeat(
+        &self,
+        group: &str,
+        hook: &str,
+        instance_id: &str,
+    ) -> anyhow::Result<()> {
+        let out = self
+            .client
+            .record_lifecycle_action_heartbeat()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_name(hook)
+            .instance_id(instance_id)
+            .send()
+            .await;
+        Ok(self
+            .calls
+            .record(HEARTBEAT, || format!("(group {group}, hook {hook})"), out)
+            .map(|_| ())?)
+    }
+
+    async fn heartbeat_timeout(&self, group: &str, hook: &str) -> anyhow::Result<Option<Duration>> {
+        let out = self
+            .client
+            .describe_lifecycle_hooks()
+            .auto_scaling_group_name(group)
+            .lifecycle_hook_names(hook)
+            .send()
+            .await;
+        let out = self.calls.record(
+            DESCRIBE_HOOKS,
+            || format!("(group {group}, hook {hook})"),
+            out,
+        )?;
+        Ok(out
+            .lifecycle_hooks()
+            .iter()
+            .find(|h| h.lifecycle_hook_name() == Some(hook))
+            .map(|h| Duration::from_secs(h.heartbeat_timeout().unwrap_or(3600).max(0) as u64)))
     }
 
     async fn set_unhealthy(&self, instance_id: &str) -> anyhow::Result<()> {
@@ -89,9 +145,13 @@ impl AutoScaling for SdkAutoScaling {
             .health_status("Unhealthy")
             .send()
             .await;
-        self.calls.record(SET_INSTANCE_HEALTH, out.is_ok());
-        out.map(|_| ()).map_err(|e| anyhow!(describe(&e))).with_context(|| {
-            format!("{SET_INSTANCE_HEALTH} Unhealthy for {instance_id} failed; the instance role needs autoscaling:SetInstanceHealth")
-        })
+        Ok(self
+            .calls
+            .record(
+                SET_INSTANCE_HEALTH,
+                || format!("Unhealthy for {instance_id}"),
+                out,
+            )
+            .map(|_| ())?)
     }
 }

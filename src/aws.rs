@@ -1,22 +1,62 @@
-//! AWS plumbing shared by the EC2 and ECS boundaries: owns the SDK configuration (region,
-//! endpoint, credentials chain, timeouts, retries) and the per-operation call accounting.
+//! AWS plumbing shared by the EC2, ECS and Auto Scaling boundaries: owns the SDK configuration
+//! (region, endpoint, credentials chain, timeouts), what a failed call means ([`AwsError`]),
+//! the one retry policy every AWS call of nodeagent goes through ([`retry_until`]) and the
+//! per-operation call accounting ([`AwsCalls`]).
 //!
 //! Region: `AWS_REGION`/`AWS_DEFAULT_REGION` when set, else the region IMDS reported.
 //! Endpoint and credentials: the SDK's standard sources (`AWS_ENDPOINT_URL`, environment,
-//! profile, instance role). Every call has a connect timeout, a per-attempt timeout and an
-//! overall timeout; failed attempts are retried by the SDK's standard strategy (at most
-//! [`MAX_ATTEMPTS`], exponential backoff with full jitter).
+//! profile, instance role). Every call has a connect timeout and a per-attempt timeout.
+//!
+//! Retries: the SDK's own are OFF (one attempt per `send`), chosen on purpose over both its
+//! `standard` and `adaptive` modes. ECS and EC2 throttle per account and region — every node
+//! of a fleet shares one bucket — so what matters is that a throttled node backs off with full
+//! jitter for as long as its phase allows, not for the SDK's 3 attempts: [`retry_until`] keeps
+//! going until the phase's own deadline (`consul.discovery_timeout`, `ecs.start_timeout`, …).
+//! Every attempt is then one counted call (the accounting, the metrics and the fleet benchmark
+//! see the truth); and a `StartTask` whose answer was lost is never resent blindly (ECS's
+//! `StartTask` takes no client token): its caller looks first ([`FailureKind::Lost`]).
+//! `adaptive`'s client-side rate limiter only learns from this one client's throttles, which
+//! at fleet scale come from everyone else's calls.
 
+use crate::retry::FullJitter;
 use aws_config::environment::EnvironmentVariableRegionProvider;
 use aws_config::meta::region::RegionProviderChain;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_ecs::error::ProvideErrorMetadata;
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use aws_smithy_runtime_api::client::result::SdkError;
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
+use tokio::time::Instant;
+use tracing::warn;
 
-pub const MAX_ATTEMPTS: u32 = 4;
+/// Throttling is logged at most this often per operation, with how many calls it hit.
+const THROTTLE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// Retries start at this delay (full jitter: anything up to it) and double up to the cap.
+pub const RETRY_BASE: Duration = Duration::from_millis(200);
+pub const RETRY_CAP: Duration = Duration::from_secs(20);
+
+/// The error codes by which AWS services say "too many requests" (the SDK's own list).
+const THROTTLING_CODES: &[&str] = &[
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "ProvisionedThroughputExceededException",
+    "TransactionInProgressException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+    "RequestThrottled",
+    "SlowDown",
+    "PriorRequestNotComplete",
+    "EC2ThrottledException",
+];
 
 /// Loads the SDK configuration, using `fallback_region` (from IMDS) when the environment names
 /// no region.
@@ -29,32 +69,217 @@ pub async fn sdk_config(fallback_region: &str) -> SdkConfig {
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(2))
                 .operation_attempt_timeout(Duration::from_secs(10))
-                .operation_timeout(Duration::from_secs(30))
+                .operation_timeout(Duration::from_secs(10))
                 .build(),
         )
-        .retry_config(RetryConfig::standard().with_max_attempts(MAX_ATTEMPTS))
+        // One attempt per send: see the module documentation.
+        .retry_config(RetryConfig::disabled())
         .load()
         .await
 }
 
-/// Calls and errors per AWS operation ("ecs:StartTask"), for the boot summary and metrics.
+/// What a failed AWS call means for whoever would try it again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureKind {
+    /// The service said "slow down": retry later, with jitter.
+    Throttled,
+    /// The service failed (5xx) or did not answer in a way that proves nothing was done:
+    /// retrying is safe.
+    Transient,
+    /// The request may have taken effect but its answer was lost (a timeout, a connection
+    /// dropped after sending): safe to retry only for a call that changes nothing; a
+    /// `StartTask` must look for what it may have started first.
+    Lost,
+    /// The request was refused for what it is (a 4xx: a missing permission, a bad
+    /// parameter): retrying cannot help.
+    Refused,
+}
+
+/// A failed AWS call: which operation, on what, how it failed and what AWS said.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {what} failed: {}{message}{}", self.code.as_deref().map(|c| format!("{c}: ")).unwrap_or_default(), self.hint())]
+pub struct AwsError {
+    pub op: &'static str,
+    pub kind: FailureKind,
+    /// The service's error code (`ThrottlingException`, `AccessDeniedException`, …).
+    pub code: Option<String>,
+    pub what: String,
+    pub message: String,
+}
+
+impl AwsError {
+    /// Classifies an SDK error of operation `op` on `what`.
+    pub fn new<E>(
+        op: &'static str,
+        what: impl Into<String>,
+        e: &SdkError<E, HttpResponse>,
+    ) -> AwsError
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        let (kind, code) = match e {
+            SdkError::ServiceError(s) => {
+                let code = s.err().code().map(str::to_string);
+                let status = s.raw().status().as_u16();
+                let kind = if code
+                    .as_deref()
+                    .is_some_and(|c| THROTTLING_CODES.contains(&c))
+                {
+                    FailureKind::Throttled
+                } else if status >= 500 {
+                    FailureKind::Transient
+                } else {
+                    FailureKind::Refused
+                };
+                (kind, code)
+            }
+            SdkError::ConstructionFailure(_) => (FailureKind::Refused, None),
+            SdkError::TimeoutError(_)
+            | SdkError::DispatchFailure(_)
+            | SdkError::ResponseError(_) => (FailureKind::Lost, None),
+            _ => (FailureKind::Transient, None),
+        };
+        AwsError {
+            op,
+            kind,
+            code,
+            what: what.into(),
+            message: describe(e),
+        }
+    }
+
+    /// What to do about a refusal for want of permission.
+    fn hint(&self) -> String {
+        let denied = self
+            .code
+            .as_deref()
+            .is_some_and(|c| c.starts_with("AccessDenied") || c.starts_with("Unauthorized"));
+        if denied {
+            format!("; the instance role needs {}", self.op)
+        } else {
+            String::new()
+        }
+    }
+
+    /// Whether trying again may succeed (`Lost` too: for calls that change nothing).
+    pub fn retryable(&self) -> bool {
+        self.kind != FailureKind::Refused
+    }
+}
+
+/// The classification of the first AWS error in `e`'s chain, if any.
+pub fn failure_kind(e: &anyhow::Error) -> Option<FailureKind> {
+    e.chain()
+        .find_map(|c| c.downcast_ref::<AwsError>())
+        .map(|a| a.kind)
+}
+
+/// Runs `attempt` until it succeeds, it fails for good, or `deadline` passes: an AWS error
+/// that is throttled, transient or lost is retried with exponential backoff and full jitter
+/// (from [`RETRY_BASE`] up to [`RETRY_CAP`]); any other error ends it at once. `what` names
+/// what is being done, for the error after the deadline.
+pub async fn retry_until<T, F, Fut>(
+    what: &str,
+    deadline: Instant,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<T>>,
+{
+    let mut backoff = FullJitter::new(RETRY_BASE, RETRY_CAP);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let e = match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let retryable = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<AwsError>())
+            .is_some_and(AwsError::retryable);
+        if !retryable {
+            return Err(e);
+        }
+        let delay = backoff.next_delay();
+        if Instant::now() + delay >= deadline {
+            return Err(e.context(format!(
+                "{what}: still failing after {tries} attempts, at its deadline"
+            )));
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// Calls and errors per AWS operation ("ecs:StartTask"), for the boot summary, status and
+/// metrics; throttling is logged here, once a minute per operation.
 #[derive(Debug, Default)]
 pub struct AwsCalls {
     ops: Mutex<BTreeMap<&'static str, OpCount>>,
+    throttle_log: Mutex<BTreeMap<&'static str, (Instant, u64)>>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct OpCount {
     pub calls: u64,
     pub errors: u64,
+    /// Of the errors, how many were AWS throttling the call.
+    #[serde(default)]
+    pub throttled: u64,
 }
 
 impl AwsCalls {
-    pub fn record(&self, op: &'static str, ok: bool) {
+    /// One call of `op` that succeeded.
+    pub fn ok(&self, op: &'static str) {
+        self.count(op, None);
+    }
+
+    /// One call of `op` that failed as `e` says; throttling is logged (once a minute).
+    pub fn failed(&self, e: &AwsError) {
+        self.count(e.op, Some(e.kind));
+        if e.kind == FailureKind::Throttled {
+            let mut log = self.throttle_log.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let (since, hits) = log.entry(e.op).or_insert((now - THROTTLE_LOG_EVERY, 0));
+            *hits += 1;
+            if now - *since >= THROTTLE_LOG_EVERY {
+                warn!(operation = e.op, "{}: AWS is throttling this account's calls ({} throttled since the last report); backing off with jitter", e.op, hits);
+                *since = now;
+                *hits = 0;
+            }
+        }
+    }
+
+    /// Counts a call's result, and gives an error back classified.
+    pub fn record<T, E>(
+        &self,
+        op: &'static str,
+        what: impl FnOnce() -> String,
+        result: Result<T, SdkError<E, HttpResponse>>,
+    ) -> Result<T, AwsError>
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+    {
+        match result {
+            Ok(v) => {
+                self.ok(op);
+                Ok(v)
+            }
+            Err(e) => {
+                let e = AwsError::new(op, what(), &e);
+                self.failed(&e);
+                Err(e)
+            }
+        }
+    }
+
+    fn count(&self, op: &'static str, failed: Option<FailureKind>) {
         let mut ops = self.ops.lock().unwrap_or_else(|p| p.into_inner());
         let c = ops.entry(op).or_default();
         c.calls += 1;
-        c.errors += u64::from(!ok);
+        c.errors += u64::from(failed.is_some());
+        c.throttled += u64::from(failed == Some(FailureKind::Throttled));
     }
 
     pub fn snapshot(&self) -> BTreeMap<&'static str, OpCount> {
@@ -79,4 +304,88 @@ pub fn describe(e: &dyn std::error::Error) -> String {
         next = err.source();
     }
     parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn aws(kind: FailureKind) -> anyhow::Error {
+        AwsError {
+            op: "ecs:StartTask",
+            kind,
+            code: None,
+            what: "of family x".into(),
+            message: "nope".into(),
+        }
+        .into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_is_retried_with_jitter_until_the_deadline_and_refusals_are_not() {
+        let start = Instant::now();
+        let mut attempts = Vec::new();
+        let out: anyhow::Result<()> =
+            retry_until("starting x", start + Duration::from_secs(60), || {
+                attempts.push(Instant::now());
+                async { Err(aws(FailureKind::Throttled)) }
+            })
+            .await;
+        let err = format!("{:#}", out.unwrap_err());
+        assert!(
+            err.contains("at its deadline") && err.contains("ecs:StartTask"),
+            "{err}"
+        );
+        assert!(Instant::now() - start <= Duration::from_secs(60));
+        let gaps: Vec<Duration> = attempts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.iter().all(|g| *g <= RETRY_CAP), "{gaps:?}");
+        assert!(
+            attempts.len() >= 5,
+            "backed off, but kept trying: {}",
+            attempts.len()
+        );
+
+        let mut n = 0;
+        let out: anyhow::Result<()> = retry_until("x", start + Duration::from_secs(600), || {
+            n += 1;
+            async { Err(aws(FailureKind::Refused)) }
+        })
+        .await;
+        assert!(out.is_err());
+        assert_eq!(n, 1, "a refusal is not retried");
+
+        let mut n = 0;
+        let out = retry_until("x", Instant::now() + Duration::from_secs(600), || {
+            n += 1;
+            let fail = n < 4;
+            async move {
+                if fail {
+                    Err(aws(FailureKind::Transient))
+                } else {
+                    Ok(7)
+                }
+            }
+        })
+        .await;
+        assert_eq!(out.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_is_counted_per_call_and_logged_once_a_minute() {
+        let calls = AwsCalls::default();
+        for _ in 0..5 {
+            calls.failed(&AwsError {
+                op: "ec2:DescribeInstances",
+                kind: FailureKind::Throttled,
+                code: Some("RequestLimitExceeded".into()),
+                what: String::new(),
+                message: String::new(),
+            });
+        }
+        calls.ok("ec2:DescribeInstances");
+        let c = calls.snapshot()["ec2:DescribeInstances"];
+        assert_eq!((c.calls, c.errors, c.throttled), (6, 5, 5));
+        let log = calls.throttle_log.lock().unwrap();
+        assert_eq!(log["ec2:DescribeInstances"].1, 4, "one report, four since");
+    }
 }

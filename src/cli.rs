@@ -259,7 +259,8 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
         let facts = InstanceFacts::read(&imds).await?;
         let sdk = aws::sdk_config(&facts.region).await;
         let ec2 = SdkEc2::new(&sdk, Arc::new(AwsCalls::default()));
-        layers::with_instance(files.clone(), &imds, &ec2, &facts.instance_id).await
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        layers::with_instance(files.clone(), &imds, &ec2, &facts.instance_id, deadline).await
     };
     let (loaded, note) = match tokio::time::timeout(Duration::from_secs(15), instance).await {
         Ok(Ok(loaded)) => (loaded, None),

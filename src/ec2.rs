@@ -2,8 +2,7 @@
 //! (the Consul servers), and which `nodeagent:` tags this instance carries when the instance
 //! metadata does not show tags.
 
-use crate::aws::{describe, AwsCalls};
-use anyhow::Context;
+use crate::aws::AwsCalls;
 use async_trait::async_trait;
 use aws_sdk_ec2::types::Filter;
 use std::sync::Arc;
@@ -60,12 +59,11 @@ impl Ec2 for SdkEc2 {
             .send();
         let mut ips = Vec::new();
         while let Some(page) = pages.next().await {
-            self.calls.record(DESCRIBE_INSTANCES, page.is_ok());
-            let page = page
-                .map_err(|e| anyhow::anyhow!(describe(&e)))
-                .with_context(|| {
-                    format!("{DESCRIBE_INSTANCES} (tag:{key}={value}, running) failed; the instance role needs ec2:DescribeInstances")
-                })?;
+            let page = self.calls.record(
+                DESCRIBE_INSTANCES,
+                || format!("(tag:{key}={value}, running)"),
+                page,
+            )?;
             ips.extend(
                 page.reservations()
                     .iter()
@@ -81,7 +79,6 @@ impl Ec2 for SdkEc2 {
         instance_id: &str,
         prefix: &str,
     ) -> anyhow::Result<Option<Vec<(String, String)>>> {
-        use aws_sdk_ec2::error::ProvideErrorMetadata;
         let mut pages = self
             .client
             .describe_tags()
@@ -101,17 +98,18 @@ impl Ec2 for SdkEc2 {
             .send();
         let mut tags = Vec::new();
         while let Some(page) = pages.next().await {
-            self.calls.record(DESCRIBE_TAGS, page.is_ok());
-            if let Err(e) = &page {
-                if e.code() == Some("UnauthorizedOperation") {
-                    return Ok(None);
+            let page = match self.calls.record(
+                DESCRIBE_TAGS,
+                || format!("({instance_id}, {prefix}*)"),
+                page,
+            ) {
+                Ok(page) => page,
+                Err(e) if e.code.as_deref() == Some("UnauthorizedOperation") => return Ok(None),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context("reading this instance's tags: give the instance role ec2:DescribeTags, or enable instance tags in the instance metadata"))
                 }
-            }
-            let page = page
-                .map_err(|e| anyhow::anyhow!(describe(&e)))
-                .with_context(|| {
-                    format!("{DESCRIBE_TAGS} ({instance_id}, {prefix}*) failed; the instance role needs ec2:DescribeTags, or enable instance tags in the instance metadata")
-                })?;
+            };
             tags.extend(page.tags().iter().filter_map(|t| {
                 let key = t.key()?;
                 key.starts_with(prefix)

@@ -1,8 +1,7 @@
 //! ECS boundary: owns the ECS control-plane calls nodeagent makes about its own container
 //! instance — list, describe, start and stop tasks; set and remove its attributes.
 
-use crate::aws::{describe, AwsCalls};
-use anyhow::{anyhow, Context};
+use crate::aws::AwsCalls;
 use async_trait::async_trait;
 use aws_sdk_ecs::types::DesiredStatus;
 use std::sync::Arc;
@@ -55,6 +54,15 @@ pub trait Ecs: Send + Sync {
         &self,
         cluster: &str,
         container_instance: &str,
+    ) -> anyhow::Result<Vec<String>>;
+    /// ARNs of the tasks on `container_instance` whose desired status is RUNNING, of `family`
+    /// and started by `started_by` (a `StartTask` whose answer was lost is found again so).
+    async fn running_tasks_of(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+        family: &str,
+        started_by: &str,
     ) -> anyhow::Result<Vec<String>>;
     async fn describe_tasks(&self, cluster: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>>;
     /// `StopTask`; a task ECS no longer knows is not an error.
@@ -133,12 +141,14 @@ fn task_from(t: &aws_sdk_ecs::types::Task) -> EcsTask {
 }
 
 impl SdkEcs {
-    /// Task ARNs on `container_instance` with `desired` status, all pages.
+    /// Task ARNs on `container_instance` with `desired` status, all pages; `of`: only those of
+    /// (family, startedBy).
     async fn list_tasks(
         &self,
         cluster: &str,
         container_instance: &str,
         desired: DesiredStatus,
+        of: Option<(&str, &str)>,
     ) -> anyhow::Result<Vec<String>> {
         let mut pages = self
             .client
@@ -147,14 +157,17 @@ impl SdkEcs {
             .container_instance(container_instance)
             // Always explicit: some implementations default to every status.
             .desired_status(desired)
+            .set_family(of.map(|(family, _)| family.to_string()))
+            .set_started_by(of.map(|(_, by)| by.to_string()))
             .into_paginator()
             .send();
         let mut arns = Vec::new();
         while let Some(page) = pages.next().await {
-            self.calls.record(LIST_TASKS, page.is_ok());
-            let page = page.map_err(|e| anyhow!(describe(&e))).with_context(|| {
-                format!("{LIST_TASKS} on cluster {cluster} for {container_instance} failed")
-            })?;
+            let page = self.calls.record(
+                LIST_TASKS,
+                || format!("on cluster {cluster} for {container_instance}"),
+                page,
+            )?;
             arns.extend(page.task_arns().iter().cloned());
         }
         Ok(arns)
@@ -168,7 +181,19 @@ impl Ecs for SdkEcs {
         cluster: &str,
         container_instance: &str,
     ) -> anyhow::Result<Vec<String>> {
-        self.list_tasks(cluster, container_instance, DesiredStatus::Running)
+        self.list_tasks(cluster, container_instance, DesiredStatus::Running, None)
+            .await
+    }
+
+    async fn running_tasks_of(
+        &self,
+        cluster: &str,
+        container_instance: &str,
+        family: &str,
+        started_by: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        let of = Some((family, started_by));
+        self.list_tasks(cluster, container_instance, DesiredStatus::Running, of)
             .await
     }
 
@@ -182,10 +207,9 @@ impl Ecs for SdkEcs {
                 .set_tasks(Some(chunk.to_vec()))
                 .send()
                 .await;
-            self.calls.record(DESCRIBE_TASKS, out.is_ok());
-            let out = out
-                .map_err(|e| anyhow!(describe(&e)))
-                .with_context(|| format!("{DESCRIBE_TASKS} on cluster {cluster} failed"))?;
+            let out = self
+                .calls
+                .record(DESCRIBE_TASKS, || format!("on cluster {cluster}"), out)?;
             tasks.extend(out.tasks().iter().map(task_from));
         }
         Ok(tasks)
@@ -200,17 +224,14 @@ impl Ecs for SdkEcs {
             .reason(reason)
             .send()
             .await;
-        self.calls.record(STOP_TASK, out.is_ok());
-        match out {
+        match self
+            .calls
+            .record(STOP_TASK, || format!("of {arn} on cluster {cluster}"), out)
+        {
             Ok(_) => Ok(()),
-            Err(e)
-                if e.as_service_error()
-                    .is_some_and(|s| s.is_invalid_parameter_exception()) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(anyhow!(describe(&e)))
-                .with_context(|| format!("{STOP_TASK} of {arn} on cluster {cluster} failed")),
+            // A task ECS no longer knows.
+            Err(e) if e.code.as_deref() == Some("InvalidParameterException") => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -230,28 +251,23 @@ impl Ecs for SdkEcs {
             .started_by(started_by)
             .send()
             .await;
-        self.calls.record(START_TASK, out.is_ok());
-        let out = match out {
+        let out = match self.calls.record(
+            START_TASK,
+            || format!("of family {family:?} on cluster {cluster}"),
+            out,
+        ) {
             Ok(out) => out,
-            Err(e) => {
-                let service = e.as_service_error();
-                let message = service
-                    .and_then(|s| aws_sdk_ecs::error::ProvideErrorMetadata::message(s))
-                    .unwrap_or_default()
-                    .to_string();
-                if service.is_some_and(|s| s.is_client_exception())
-                    && message.to_ascii_lowercase().contains("task definition")
-                {
-                    return Err(UnknownFamily {
-                        family: family.to_string(),
-                        message,
-                    }
-                    .into());
+            Err(e)
+                if e.code.as_deref() == Some("ClientException")
+                    && e.message.to_ascii_lowercase().contains("task definition") =>
+            {
+                return Err(UnknownFamily {
+                    family: family.to_string(),
+                    message: e.message,
                 }
-                return Err(anyhow!(describe(&e))).with_context(|| {
-                    format!("{START_TASK} of family {family:?} on cluster {cluster} failed")
-                });
+                .into());
             }
+            Err(e) => return Err(e.into()),
         };
         if let Some(task) = out.tasks().first() {
             return Ok(StartOutcome::Started(task_from(task)));
@@ -279,10 +295,11 @@ impl ContainerInstance for SdkEcs {
             .status(aws_sdk_ecs::types::ContainerInstanceStatus::Draining)
             .send()
             .await;
-        self.calls.record(UPDATE_STATE, out.is_ok());
-        let out = out.map_err(|e| anyhow!(describe(&e))).with_context(|| {
-            format!("{UPDATE_STATE} DRAINING of {container_instance} failed; the instance role needs ecs:UpdateContainerInstancesState")
-        })?;
+        let out = self.calls.record(
+            UPDATE_STATE,
+            || format!("DRAINING of {container_instance}"),
+            out,
+        )?;
         if let Some(f) = out.failures().first() {
             anyhow::bail!(
                 "{UPDATE_STATE} DRAINING of {container_instance}: {} {}",
@@ -299,10 +316,10 @@ impl ContainerInstance for SdkEcs {
         container_instance: &str,
     ) -> anyhow::Result<Vec<EcsTask>> {
         let mut arns = self
-            .list_tasks(cluster, container_instance, DesiredStatus::Running)
+            .list_tasks(cluster, container_instance, DesiredStatus::Running, None)
             .await?;
         arns.extend(
-            self.list_tasks(cluster, container_instance, DesiredStatus::Stopped)
+            self.list_tasks(cluster, container_instance, DesiredStatus::Stopped, None)
                 .await?,
         );
         arns.sort();
@@ -353,8 +370,8 @@ impl SdkEcs {
     ) -> anyhow::Result<()> {
         // ECS deletes by name; the value is given too, as emulators match on it.
         let attribute = attribute(container_instance, name, value)?;
-        // (why it failed, and whether that means "not there")
-        let (op, out): (&str, Result<(), (String, bool)>) = if put {
+        let what = || format!("{name} on {container_instance}");
+        let out = if put {
             let out = self
                 .client
                 .put_attributes()
@@ -362,10 +379,7 @@ impl SdkEcs {
                 .attributes(attribute)
                 .send()
                 .await;
-            (
-                PUT_ATTRIBUTES,
-                out.map(|_| ()).map_err(|e| (describe(&e), false)),
-            )
+            self.calls.record(PUT_ATTRIBUTES, what, out).map(|_| ())
         } else {
             let out = self
                 .client
@@ -374,20 +388,13 @@ impl SdkEcs {
                 .attributes(attribute)
                 .send()
                 .await;
-            let out = out.map(|_| ()).map_err(|e| {
-                let gone = e
-                    .as_service_error()
-                    .is_some_and(|s| s.is_target_not_found_exception());
-                (describe(&e), gone)
-            });
-            (DELETE_ATTRIBUTES, out)
+            self.calls.record(DELETE_ATTRIBUTES, what, out).map(|_| ())
         };
-        self.calls.record(op, out.is_ok());
         match out {
-            Ok(()) | Err((_, true)) => Ok(()),
-            Err((why, false)) => Err(anyhow!(why)).with_context(|| {
-                format!("{op} {name} on {container_instance} failed; the instance role needs {op}")
-            }),
+            Ok(()) => Ok(()),
+            // Deleting what is not there.
+            Err(e) if !put && e.code.as_deref() == Some("TargetNotFoundException") => Ok(()),
+            Err(e) => Err(e.into()),
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Retry pacing: owns the exponential backoff with jitter used wherever nodeagent waits for
-//! something outside itself (servers that boot after the node, ECS placement failures).
-//! AWS SDK calls use the SDK's own standard retry, which jitters the same way.
+//! Retry pacing: owns the exponential backoffs nodeagent waits with — "equal jitter"
+//! ([`Backoff`]: never short, for polling a peer and restarting a task) and "full jitter"
+//! ([`FullJitter`]: for AWS calls, where a fleet of nodes shares one throttling bucket and
+//! must not retry in lockstep).
 
 use rand::Rng;
 use std::time::Duration;
@@ -28,6 +29,29 @@ impl Backoff {
         let d = exponential(self.initial, self.cap, self.step);
         self.step = self.step.saturating_add(1);
         jitter(d)
+    }
+}
+
+/// Exponential backoff with "full jitter" (AWS Architecture Blog, "Exponential Backoff And
+/// Jitter"): each delay is drawn from [0, d], where d doubles from `base` up to `cap` — the
+/// spread that lets many clients sharing one rate limit back off without colliding again.
+#[derive(Debug, Clone)]
+pub struct FullJitter {
+    base: Duration,
+    cap: Duration,
+    step: u32,
+}
+
+impl FullJitter {
+    pub fn new(base: Duration, cap: Duration) -> Self {
+        FullJitter { base, cap, step: 0 }
+    }
+
+    /// The next delay to sleep.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = exponential(self.base, self.cap, self.step);
+        self.step = self.step.saturating_add(1);
+        rand::rng().random_range(Duration::ZERO..=d)
     }
 }
 

@@ -21,7 +21,7 @@ use crate::facts::InstanceFacts;
 use crate::hostfs::{blocked_ancestor, HostFs, Perms, Written};
 use crate::phase::Phase;
 use crate::render::{ConsulContext, Context, EcsContext, RenderedFile, Renderer};
-use crate::retry::{jitter, Backoff};
+use crate::retry::{jitter, FullJitter};
 use anyhow::{anyhow, bail, Context as _};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
@@ -30,6 +30,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+/// The Consul servers are asked for again after a delay drawn from zero up to this range's
+/// doubling bound (full jitter), from its first to its last value.
+const DISCOVERY_POLL: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
 /// The ECS agent is polled this often (jittered down to half) while it starts.
 const AGENT_POLL: Duration = Duration::from_millis(100);
 /// How long the ECS agent may take before the wait is logged.
@@ -161,8 +164,10 @@ pub async fn run(
 }
 
 /// Private IPv4 addresses of the running instances carrying the server tag: sorted, unique.
-/// Servers often boot after the nodes, so "none yet" is retried with backoff until
-/// `consul.discovery_timeout`.
+/// Servers often boot after the nodes, so "none yet" is asked again with backoff until
+/// `consul.discovery_timeout`; so is a call that failed (throttled, lost, refused: an instance
+/// role's permissions may still be propagating) — one failed call never ends the boot. The
+/// backoff is fully jittered: at a scale-out every node polls the same account's EC2.
 async fn discover_servers(
     settings: &Settings,
     ec2: &dyn Ec2,
@@ -174,32 +179,40 @@ async fn discover_servers(
         tag.key, tag.value
     );
     let start = Instant::now();
-    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let deadline = start + settings.consul.discovery_timeout;
+    let mut backoff = FullJitter::new(DISCOVERY_POLL.0, DISCOVERY_POLL.1);
     let mut last_log: Option<Instant> = None;
     loop {
-        let ips = ec2.running_private_ips(&tag.key, &tag.value).await?;
-        let servers: BTreeSet<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
-        if !servers.is_empty() {
-            progress.waiting(WAIT_SERVERS, None);
-            let servers: Vec<String> = servers.iter().map(Ipv4Addr::to_string).collect();
-            info!(servers = ?servers, "found the Consul servers");
-            return Ok(servers);
-        }
-        if start.elapsed() >= settings.consul.discovery_timeout {
+        let why = match ec2.running_private_ips(&tag.key, &tag.value).await {
+            Ok(ips) => {
+                let servers: BTreeSet<Ipv4Addr> =
+                    ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+                if !servers.is_empty() {
+                    progress.waiting(WAIT_SERVERS, None);
+                    let servers: Vec<String> = servers.iter().map(Ipv4Addr::to_string).collect();
+                    info!(servers = ?servers, "found the Consul servers");
+                    return Ok(servers);
+                }
+                format!("no running instance matches {filter}")
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        if Instant::now() >= deadline {
             bail!(
-                "no Consul server found within {:?}: no running EC2 instance matches {filter}; start the servers or fix consul.server_tag",
+                "no Consul server found within {:?}: {why}; start the servers or fix consul.server_tag",
                 settings.consul.discovery_timeout
             );
         }
+        let delay = backoff.next_delay().min(deadline - Instant::now());
         progress.waiting(WAIT_SERVERS, Some(start.elapsed()));
         if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
             info!(
                 waited_s = start.elapsed().as_secs(),
-                "waiting for a Consul server: no running instance matches {filter}"
+                "waiting for a Consul server: {why}"
             );
             last_log = Some(Instant::now());
         }
-        tokio::time::sleep(backoff.next_delay()).await;
+        tokio::time::sleep(delay).await;
     }
 }
 

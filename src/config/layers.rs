@@ -4,10 +4,12 @@
 //! EC2 boundaries; tags from the instance metadata when it shows them, else `DescribeTags`).
 
 use super::{from_layers, ConfigError, Fragment, Loaded, DEFAULT_CONFIG_PATH, TAG_PREFIX};
+use crate::aws::retry_until;
 use crate::ec2::Ec2;
 use crate::hostfs::{HostFs, RootedFs};
 use crate::imds::Imds;
 use std::path::{Path, PathBuf};
+use tokio::time::Instant;
 use tracing::warn;
 
 /// Where the configuration files are: `--config` (a path of the machine running nodeagent),
@@ -66,12 +68,14 @@ pub fn files(at: &Location) -> Result<Vec<Fragment>, ConfigError> {
 }
 
 /// The files, then the instance's layers: a `[nodeagent]` document in user-data, then its
-/// `nodeagent:` tags (from instance metadata when tags are shown there, else DescribeTags).
+/// `nodeagent:` tags (from instance metadata when tags are shown there, else DescribeTags,
+/// asked again while AWS throttles or fails until `deadline`).
 pub async fn with_instance(
     mut fragments: Vec<Fragment>,
     imds: &dyn Imds,
     ec2: &dyn Ec2,
     instance_id: &str,
+    deadline: Instant,
 ) -> anyhow::Result<Loaded> {
     let (user_data, tags) = tokio::try_join!(imds.user_data(), imds.tags(TAG_PREFIX))?;
     if let Some(user_data) = user_data {
@@ -79,7 +83,11 @@ pub async fn with_instance(
     }
     let tags = match tags {
         Some(tags) => tags,
-        None => match ec2.instance_tags(instance_id, TAG_PREFIX).await? {
+        None => match retry_until("reading this instance's tags", deadline, || {
+            ec2.instance_tags(instance_id, TAG_PREFIX)
+        })
+        .await?
+        {
             Some(tags) => tags,
             None => {
                 warn!("nodeagent: instance tags are not read: the instance metadata does not show tags and the instance role lacks ec2:DescribeTags; enable one or the other if tags configure this node");

@@ -17,7 +17,7 @@ pub use tags::TAG_PREFIX;
 
 pub use layers::Location;
 pub use types::*;
-pub use validate::looks_secret;
+pub use validate::{looks_secret, MANAGED_DRAINING_HOOK};
 pub use values::{HttpUrl, Mode};
 
 /// Where the main configuration file lives on a node.

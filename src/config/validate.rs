@@ -4,6 +4,10 @@
 
 use super::types::*;
 use super::BUILTIN_PREFIX;
+
+/// ECS's own terminating lifecycle hook (managed instance draining): never nodeagent's to
+/// complete.
+pub const MANAGED_DRAINING_HOOK: &str = "ecs-managed-draining-termination-hook";
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -65,6 +69,12 @@ impl Settings {
         if !agent_task.is_empty() && !self.enabled_tasks().any(|t| t.name == agent_task) {
             problems.push(format!(
                 "consul.agent_task = {agent_task:?} is not an enabled task (\"\" when no task runs the Consul agent)"
+            ));
+        }
+        if lc.lifecycle_hook == MANAGED_DRAINING_HOOK {
+            problems.push(format!(
+                "lifecycle.lifecycle_hook = {:?} is ECS's own hook (managed instance draining): ECS completes it once the instance's tasks are gone, which nodeagent's drain sees to; name your group's own terminating hook, or \"\"",
+                lc.lifecycle_hook
             ));
         }
         if lc.trigger_poll.is_zero() || lc.drain_step_timeout.is_zero() {

@@ -8,7 +8,7 @@ use crate::aws::AwsCalls;
 use crate::consul::HttpConsul;
 use crate::ecs::SdkEcs;
 use crate::hostfs::RootedFs;
-use crate::lifecycle::drain::{self, wait_for_trigger, DrainRequest, Trigger, Withdraw};
+use crate::lifecycle::drain::{self, wait_for_trigger, DrainRequest, Notice, Trigger, Withdraw};
 use crate::lifecycle::heal::SelfHeal;
 use crate::lifecycle::ready::ReadinessGate;
 use crate::phase::Phase;
@@ -138,19 +138,24 @@ impl Standing<'_> {
         let (poll, rebalance) = (lc.trigger_poll, lc.drain_on_rebalance);
         let board = board.clone();
         running.push(AbortOnDrop(tokio::spawn(async move {
-            let trigger = if resume {
-                Trigger::Resumed
+            let now = |trigger| Notice {
+                trigger,
+                gone_at: None,
+            };
+            let notice = if resume {
+                now(Trigger::Resumed)
             } else {
                 tokio::select! {
-                    t = wait_for_trigger(imds.clone(), poll, rebalance) => t,
+                    n = wait_for_trigger(imds.clone(), poll, rebalance) => n,
                     Some(request) = drains.recv() => {
                         if let Some(t) = request.tasks_timeout {
                             drain.tasks_timeout = t;
                         }
-                        Trigger::Requested
+                        now(Trigger::Requested)
                     }
                 }
             };
+            let trigger = notice.trigger;
             // The node stays drained, whatever happens to this agent.
             if let Err(e) = drain::record(&fs, trigger) {
                 warn!("cannot record the drain ({e}): a restarted agent would not resume it");
@@ -168,7 +173,7 @@ impl Standing<'_> {
             };
             tokio::join!(
                 async {
-                    drain.run(trigger, &progress).await;
+                    drain.run(notice, &progress).await;
                     board.set_phase(Phase::Drained);
                     if trigger != Trigger::Terminated {
                         drain.complete_when_terminated(imds, poll, &progress).await;

@@ -183,7 +183,8 @@ pub async fn prepare(at: &Location, logging: &Logging) -> anyhow::Result<()> {
     logging.set_instance_id(&facts.instance_id);
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, Arc::new(AwsCalls::default()));
-    let settings = layers::with_instance(files, &imds, &ec2, &facts.instance_id)
+    let deadline = Instant::now() + node::early_discovery_timeout(&files);
+    let settings = layers::with_instance(files, &imds, &ec2, &facts.instance_id, deadline)
         .await?
         .settings;
     image::guard(&settings, &fs, &facts.instance_id)?;

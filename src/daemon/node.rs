@@ -54,7 +54,9 @@ pub async fn boot(
     }
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, calls.clone());
-    let settings = layers::with_instance(files, &imds, &ec2, &facts.instance_id)
+    // The files' discovery timeout bounds the boot's EC2 calls, this one included.
+    let deadline = Instant::now() + early_discovery_timeout(&files);
+    let settings = layers::with_instance(files, &imds, &ec2, &facts.instance_id, deadline)
         .instrument(info_span!("phase", phase = Phase::Imds.as_str()))
         .await?
         .settings;
@@ -101,6 +103,13 @@ pub async fn boot(
         sdk,
         imds: Arc::new(imds),
     })
+}
+
+/// `consul.discovery_timeout` as the files set it (the instance's layers are not read yet).
+pub fn early_discovery_timeout(files: &[Fragment]) -> Duration {
+    crate::config::from_fragments(files)
+        .map(|s| s.consul.discovery_timeout)
+        .unwrap_or(Duration::from_secs(600))
 }
 
 /// Boot progress, as the status board shows it.

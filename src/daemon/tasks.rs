@@ -3,6 +3,7 @@
 //! checks rendered from what the boot found, the real prober.
 
 use super::node::Booted;
+use crate::agent::HttpAgent;
 use crate::aws::AwsCalls;
 use crate::boot;
 use crate::config::RuntimeKind;
@@ -11,7 +12,7 @@ use crate::ecs::SdkEcs;
 use crate::hostfs::RootedFs;
 use crate::render::render_value;
 use crate::runtime::docker::DockerRuntime;
-use crate::runtime::ecs::EcsRuntime;
+use crate::runtime::ecs::{self, EcsRuntime};
 use crate::runtime::Runtime;
 use crate::supervisor::health::{NetProber, Probe};
 use crate::supervisor::{Supervisor, TaskSpec};
@@ -43,15 +44,18 @@ pub async fn supervisor(
                 .enabled_tasks()
                 .map(|t| (t.name.to_string(), t.family.to_string()))
                 .collect();
-            Arc::new(EcsRuntime::new(
-                Arc::new(SdkEcs::new(&booted.sdk, calls.clone())),
+            let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
+            Arc::new(EcsRuntime::new(ecs::Context {
+                ecs: Arc::new(SdkEcs::new(&booted.sdk, calls.clone())),
+                agent: Some(Arc::new(agent)),
                 docker,
-                &settings.cluster,
-                report.container_instance_arn.as_deref().unwrap_or_default(),
-                &facts.instance_id,
-                &tasks,
-                settings.ecs.start_timeout,
-            ))
+                fs: Some(Arc::new(fs.clone())),
+                cluster: settings.cluster.clone(),
+                container_instance: report.container_instance_arn.clone().unwrap_or_default(),
+                instance_id: facts.instance_id.clone(),
+                tasks,
+                start_timeout: settings.ecs.start_timeout,
+            }))
         }
     };
     Ok(Supervisor::new(

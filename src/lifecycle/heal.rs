@@ -5,9 +5,11 @@
 use crate::asg::AutoScaling;
 use crate::retry::Backoff;
 use crate::supervisor::{State, TaskStatus};
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{error, warn};
 
 pub struct SelfHeal {
@@ -18,28 +20,33 @@ pub struct SelfHeal {
 
 impl SelfHeal {
     /// Follows the tasks until one has crash-looped for `after`, then marks the instance
-    /// unhealthy (retrying until it is done) and returns.
+    /// unhealthy (retrying until it is done) and returns. Time is the monotonic clock's, from
+    /// when this agent saw the task enter crash-loop: a wall clock stepped forward (NTP at
+    /// boot) must not make a task look crash-looping for an hour.
     pub async fn run(self, mut tasks: watch::Receiver<Vec<TaskStatus>>) {
+        let mut looping: BTreeMap<String, Instant> = BTreeMap::new();
         let task = loop {
-            let oldest = tasks
-                .borrow()
-                .iter()
-                .filter(|t| t.state == State::CrashLoop)
-                .map(|t| (t.since, t.name.clone()))
-                .min();
-            let wake = match oldest {
-                Some((since, name)) => {
-                    let looping = SystemTime::now().duration_since(since).unwrap_or_default();
-                    if looping >= self.after {
-                        break name;
-                    }
-                    Some(self.after - looping)
+            let now = Instant::now();
+            {
+                let current = tasks.borrow_and_update();
+                looping.retain(|name, _| {
+                    current
+                        .iter()
+                        .any(|t| &t.name == name && t.state == State::CrashLoop)
+                });
+                for t in current.iter().filter(|t| t.state == State::CrashLoop) {
+                    looping.entry(t.name.clone()).or_insert(now);
                 }
+            }
+            let oldest = looping.iter().min_by_key(|(_, since)| **since);
+            let wake = match oldest {
+                Some((name, since)) if now - *since >= self.after => break name.clone(),
+                Some((_, since)) => Some(*since + self.after),
                 None => None,
             };
             tokio::select! {
                 changed = tasks.changed() => if changed.is_err() { return },
-                _ = sleep(wake) => {}
+                _ = sleep_until(wake) => {}
             }
         };
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -72,9 +79,85 @@ impl SelfHeal {
     }
 }
 
-async fn sleep(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    #[derive(Default)]
+    struct Group(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl AutoScaling for Group {
+        async fn group_of(&self, _: &str) -> anyhow::Result<Option<String>> {
+            Ok(Some("g".into()))
+        }
+        async fn complete_lifecycle_action(&self, _: &str, _: &str, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn record_heartbeat(&self, _: &str, _: &str, _: &str) -> anyhow::Result<()> {
+            Ok(())
+        }
+        async fn heartbeat_timeout(&self, _: &str, _: &str) -> anyhow::Result<Option<Duration>> {
+            Ok(None)
+        }
+        async fn set_unhealthy(&self, id: &str) -> anyhow::Result<()> {
+            self.0.lock().unwrap().push(id.into());
+            Ok(())
+        }
+    }
+
+    fn task(state: State, since: SystemTime) -> Vec<TaskStatus> {
+        vec![TaskStatus {
+            name: "consul-agent".into(),
+            state,
+            since,
+            restarts: 9,
+            instance: None,
+            last_exit: None,
+            last_output: None,
+            health: None,
+            health_latency: None,
+            adopted: false,
+        }]
+    }
+
+    /// The wall clock says the task has looped since an hour ago (NTP stepped it, or the
+    /// status's `since` came from before a reboot): only this agent's own monotonic time counts.
+    #[tokio::test(start_paused = true)]
+    async fn crash_loop_time_is_monotonic_and_leaving_the_loop_resets_it() {
+        let asg = Arc::new(Group::default());
+        let hour_ago = SystemTime::now() - Duration::from_secs(3600);
+        let (tx, rx) = watch::channel(task(State::CrashLoop, hour_ago));
+        let heal = SelfHeal {
+            asg: asg.clone(),
+            instance_id: "i-1".into(),
+            after: Duration::from_secs(60),
+        };
+        let run = tokio::spawn(heal.run(rx));
+        tokio::time::sleep(Duration::from_secs(50)).await;
+        assert!(
+            asg.0.lock().unwrap().is_empty(),
+            "not after 50 s, whatever the wall clock says"
+        );
+        tx.send_replace(task(State::Healthy, SystemTime::now()));
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        tx.send_replace(task(State::CrashLoop, SystemTime::now()));
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(
+            asg.0.lock().unwrap().is_empty(),
+            "the loop began again 59 s ago"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        run.await.unwrap();
+        assert_eq!(*asg.0.lock().unwrap(), ["i-1"], "once");
     }
 }

@@ -96,6 +96,16 @@ pub fn render(status: &NodeStatus) -> String {
             .map(|(op, c)| (labels(&[("operation", op)]), c.errors.to_string()))
             .collect(),
     );
+    family(
+        "nodeagent_aws_throttled_total",
+        "counter",
+        "AWS API calls that AWS throttled, by operation.",
+        status
+            .aws_calls
+            .iter()
+            .map(|(op, c)| (labels(&[("operation", op)]), c.throttled.to_string()))
+            .collect(),
+    );
     out
 }
 
@@ -137,6 +147,7 @@ mod tests {
             OpCount {
                 calls: 3,
                 errors: 1,
+                throttled: 1,
             },
         );
         let text = render(&s);
@@ -145,6 +156,7 @@ mod tests {
         assert!(text.contains("nodeagent_task_restarts_total{task=\"linkerd\"} 6\n"));
         assert!(text.contains("nodeagent_health_check_seconds{task=\"linkerd\"} 0.0025\n"));
         assert!(text.contains("nodeagent_aws_errors_total{operation=\"ecs:ListTasks\"} 1\n"));
+        assert!(text.contains("nodeagent_aws_throttled_total{operation=\"ecs:ListTasks\"} 1\n"));
         assert!(text.contains("nodeagent_healthy 0\n"));
         assert_eq!(labels(&[("t", "a\"b\\")]), "{t=\"a\\\"b\\\\\"}");
     }

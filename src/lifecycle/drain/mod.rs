@@ -21,9 +21,24 @@ use crate::supervisor::Control;
 use serde::{Deserialize, Serialize};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+#[cfg(test)]
+mod tests;
+mod trigger;
+
+pub use trigger::{spot_deadline, wait_for_trigger, Notice, Trigger};
+
+/// ECS's own terminating hook when managed instance draining is on (capacity providers): ECS
+/// completes it once the instance's tasks are gone. nodeagent never completes it; it stops its
+/// own tasks once the application tasks are gone, which is what ECS waits for.
+pub use crate::config::MANAGED_DRAINING_HOOK;
+/// When the instance goes away at a known time (a spot notice), the application tasks get
+/// what is left but this: the foundational tasks' stops and Consul's leave need it.
+pub const FINAL_STEPS: Duration = Duration::from_secs(30);
 
 /// Where a drain is recorded (its trigger), written when it begins: the node stays drained
 /// across agent restarts in this boot. A reboot clears it (a spot `stop` then start, a kernel
@@ -46,33 +61,6 @@ pub fn recorded(fs: &dyn HostFs) -> bool {
 
 /// The application tasks are checked this often while the drain waits for them.
 const TASKS_POLL: Duration = Duration::from_secs(2);
-
-/// Why the node drains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// `nodeagent drain` (the unit's ExecStop at system shutdown, or by hand).
-    Requested,
-    /// The autoscaling group is terminating the instance (`target-lifecycle-state`).
-    Terminated,
-    /// A spot interruption notice.
-    SpotInterruption,
-    /// A rebalance recommendation (`lifecycle.drain_on_rebalance`).
-    Rebalance,
-    /// A drain an earlier agent on this node began (it stopped, or was restarted, meanwhile).
-    Resumed,
-}
-
-impl Trigger {
-    pub fn name(self) -> &'static str {
-        match self {
-            Trigger::Requested => "requested",
-            Trigger::Terminated => "autoscaling-terminated",
-            Trigger::SpotInterruption => "spot-interruption",
-            Trigger::Rebalance => "rebalance-recommendation",
-            Trigger::Resumed => "resumed",
-        }
-    }
-}
 
 /// `POST /v1/drain`: drain now; `tasks_timeout` overrides `lifecycle.drain_tasks_timeout`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -129,19 +117,99 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// Runs the whole sequence; `progress` follows it.
-    pub async fn run(&self, trigger: Trigger, progress: &watch::Sender<Option<DrainStatus>>) {
+    /// Runs the whole sequence; `progress` follows it. With a time the instance goes away (a
+    /// spot notice's), every step is budgeted from it, so Consul leaves before the instance is
+    /// gone; during an autoscaling termination, the lifecycle hook is kept alive with
+    /// heartbeats while the drain takes longer than its heartbeat timeout.
+    pub async fn run(&self, notice: Notice, progress: &watch::Sender<Option<DrainStatus>>) {
+        let trigger = notice.trigger;
         warn!(trigger = trigger.name(), "draining the node");
         progress.send_replace(Some(DrainStatus {
             trigger: trigger.name().into(),
             started_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             ..DrainStatus::default()
         }));
-        let bounded = self.step_timeout;
+        let gone_at = notice
+            .gone_at
+            .map(|t| Instant::now() + t.duration_since(SystemTime::now()).unwrap_or_default());
+        if let Some(at) = gone_at {
+            let left = at.saturating_duration_since(Instant::now());
+            warn!(
+                "the instance goes away in {left:?}: the application tasks get at most {:?}, the rest is for stopping the foundational tasks and Consul's leave",
+                budget(self.tasks_timeout, gone_at, FINAL_STEPS)
+            );
+        }
+        tokio::select! {
+            _ = self.sequence(trigger, gone_at, progress) => {}
+            _ = self.keep_hook_alive(trigger) => {}
+        }
+        progress.send_modify(|p| {
+            if let Some(p) = p {
+                p.done = true;
+            }
+        });
+        warn!(
+            trigger = trigger.name(),
+            "drained: the node's tasks are stopped and stay stopped"
+        );
+    }
+
+    /// Sends `RecordLifecycleActionHeartbeat` every half of the hook's heartbeat timeout while
+    /// an autoscaling termination is drained; never returns.
+    async fn keep_hook_alive(&self, trigger: Trigger) {
+        let hook = match (&self.lifecycle_hook, trigger) {
+            (Some(hook), Trigger::Terminated) => hook,
+            _ => return std::future::pending().await,
+        };
+        let timeout = async {
+            let group = self.asg.group_of(&self.instance_id).await?.ok_or_else(|| {
+                anyhow::anyhow!("{} is in no autoscaling group", self.instance_id)
+            })?;
+            let timeout = self.asg.heartbeat_timeout(&group, hook).await?;
+            anyhow::Ok(timeout.map(|t| (group, t)))
+        };
+        let (group, timeout) = match timeout.await {
+            Ok(Some(found)) => found,
+            Ok(None) => {
+                warn!("lifecycle hook {hook} not found: no heartbeats; the drain must end within the hook's timeout");
+                return std::future::pending().await;
+            }
+            Err(e) => {
+                warn!("cannot read lifecycle hook {hook} ({e:#}): no heartbeats");
+                return std::future::pending().await;
+            }
+        };
+        let every = (timeout / 2).max(Duration::from_secs(1));
+        loop {
+            tokio::time::sleep(every).await;
+            match self
+                .asg
+                .record_heartbeat(&group, hook, &self.instance_id)
+                .await
+            {
+                Ok(()) => {
+                    info!(hook = %hook, "drain: lifecycle hook {group}/{hook} kept waiting (heartbeat timeout {timeout:?})")
+                }
+                Err(e) => {
+                    warn!(hook = %hook, "drain: cannot keep lifecycle hook {hook} waiting ({e:#})")
+                }
+            }
+        }
+    }
+
+    /// The steps in order.
+    async fn sequence(
+        &self,
+        trigger: Trigger,
+        gone_at: Option<Instant>,
+        progress: &watch::Sender<Option<DrainStatus>>,
+    ) {
+        let bounded = budget(self.step_timeout, gone_at, Duration::ZERO);
+        let bounded = || budget(bounded, gone_at, Duration::ZERO);
 
         // 1. No new application tasks.
         if let Some(w) = &self.readiness {
-            self.step(progress, "withdraw readiness attribute", bounded, async {
+            self.step(progress, "withdraw readiness attribute", bounded(), async {
                 w.withdraw.send_replace(true);
                 let mut present = w.present.clone();
                 present.wait_for(|p| *p == Some(false)).await?;
@@ -150,7 +218,7 @@ impl Drain {
             .await;
         }
         if let Some(ci) = &self.container_instance {
-            self.step(progress, "container instance DRAINING", bounded, async {
+            self.step(progress, "container instance DRAINING", bounded(), async {
                 self.ecs.set_draining(&self.cluster, ci).await?;
                 Ok(ci.clone())
             })
@@ -159,7 +227,7 @@ impl Drain {
 
         // 2. Traffic moves away.
         let reason = format!("nodeagent: draining ({})", trigger.name());
-        self.step(progress, "consul maintenance", bounded, async {
+        self.step(progress, "consul maintenance", bounded(), async {
             self.consul.maintenance(true, &reason).await?;
             Ok("node in maintenance".to_string())
         })
@@ -170,7 +238,7 @@ impl Drain {
             self.step(
                 progress,
                 "application tasks stopped",
-                self.tasks_timeout,
+                budget(self.tasks_timeout, gone_at, FINAL_STEPS),
                 async {
                     let mut last = usize::MAX;
                     loop {
@@ -204,14 +272,14 @@ impl Drain {
         for task in &self.stop_order {
             if self.consul_task.as_ref() == Some(task) {
                 // The agent exits once it has left: it must not be restarted in between.
-                self.step(progress, "consul leave", bounded, async {
+                self.step(progress, "consul leave", bounded(), async {
                     self.control.suspend(task).await?;
                     self.consul.leave().await?;
                     Ok("left the cluster".to_string())
                 })
                 .await;
             }
-            self.step(progress, &format!("stop {task}"), bounded, async {
+            self.step(progress, &format!("stop {task}"), bounded(), async {
                 self.control.hold(task).await?;
                 Ok("stopped".to_string())
             })
@@ -222,15 +290,6 @@ impl Drain {
         if trigger == Trigger::Terminated {
             self.complete_lifecycle_action(progress).await;
         }
-        progress.send_modify(|p| {
-            if let Some(p) = p {
-                p.done = true;
-            }
-        });
-        warn!(
-            trigger = trigger.name(),
-            "drained: the node's tasks are stopped and stay stopped"
-        );
     }
 
     /// After a drain for another reason, the group may still scale the instance in: then its
@@ -260,6 +319,10 @@ impl Drain {
         let Some(hook) = &self.lifecycle_hook else {
             return;
         };
+        if hook == MANAGED_DRAINING_HOOK {
+            warn!("lifecycle.lifecycle_hook names ECS's own managed-draining hook: ECS completes it, nodeagent does not");
+            return;
+        }
         self.step(
             progress,
             "complete lifecycle action",
@@ -323,102 +386,15 @@ impl Drain {
     }
 }
 
-/// Polls IMDS every `every` (jittered) for a reason to drain: the autoscaling group
-/// terminating the instance, a spot interruption notice, and (when `rebalance`) a rebalance
-/// recommendation. Returns the first one seen.
-pub async fn wait_for_trigger(imds: Arc<dyn Imds>, every: Duration, rebalance: bool) -> Trigger {
-    loop {
-        tokio::time::sleep(jitter(every)).await;
-        match imds.target_lifecycle_state().await {
-            Ok(Some(state)) if state.trim() == "Terminated" => return Trigger::Terminated,
-            Ok(_) => {}
-            Err(e) => debug!(error = %e, "cannot read the autoscaling lifecycle state"),
-        }
-        match imds.spot_instance_action().await {
-            Ok(Some(notice)) => {
-                warn!(notice = %notice.trim(), "spot interruption notice");
-                return Trigger::SpotInterruption;
-            }
-            Ok(None) => {}
-            Err(e) => debug!(error = %e, "cannot read the spot instance action"),
-        }
-        if rebalance {
-            match imds.rebalance_recommendation().await {
-                Ok(Some(_)) => return Trigger::Rebalance,
-                Ok(None) => {}
-                Err(e) => debug!(error = %e, "cannot read the rebalance recommendation"),
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::imds::ImdsError;
-    use async_trait::async_trait;
-    use std::collections::BTreeMap;
-    use std::sync::Mutex;
-
-    /// Meta-data items the test sets while the poller runs.
-    #[derive(Default)]
-    struct Items(Mutex<BTreeMap<String, String>>);
-
-    #[async_trait]
-    impl Imds for Items {
-        async fn get(&self, path: &str) -> Result<Option<String>, ImdsError> {
-            let item = path.trim_start_matches("/latest/meta-data/");
-            Ok(self.0.lock().unwrap().get(item).cloned())
-        }
-        fn endpoint(&self) -> &str {
-            "test"
-        }
-    }
-
-    impl Items {
-        fn set(&self, item: &str, value: &str) {
-            self.0.lock().unwrap().insert(item.into(), value.into());
-        }
-    }
-
-    async fn first_trigger(items: Arc<Items>, rebalance: bool) -> Option<Trigger> {
-        let poll = wait_for_trigger(items, Duration::from_secs(5), rebalance);
-        tokio::time::timeout(Duration::from_secs(60), poll)
-            .await
-            .ok()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn each_notice_is_a_trigger_and_rebalance_only_when_asked() {
-        let items = Arc::new(Items::default());
-        items.set("autoscaling/target-lifecycle-state", "InService");
-        assert_eq!(
-            first_trigger(items.clone(), true).await,
-            None,
-            "in service: no drain"
-        );
-
-        items.set(
-            "events/recommendations/rebalance",
-            r#"{"noticeTime": "2026-11-23T18:00:00Z"}"#,
-        );
-        assert_eq!(first_trigger(items.clone(), false).await, None, "not asked");
-        assert_eq!(
-            first_trigger(items.clone(), true).await,
-            Some(Trigger::Rebalance)
-        );
-
-        items.set("spot/instance-action", r#"{"action": "terminate"}"#);
-        assert_eq!(
-            first_trigger(items.clone(), false).await,
-            Some(Trigger::SpotInterruption)
-        );
-
-        items.set("autoscaling/target-lifecycle-state", "Terminated");
-        assert_eq!(
-            first_trigger(items.clone(), false).await,
-            Some(Trigger::Terminated),
-            "the group's decision comes first"
-        );
+/// `wanted`, or less when the instance goes away at `gone_at`: what is left then, less
+/// `reserve` for what must come after (at least a second).
+pub fn budget(wanted: Duration, gone_at: Option<Instant>, reserve: Duration) -> Duration {
+    match gone_at {
+        Some(at) => wanted.min(
+            at.saturating_duration_since(Instant::now())
+                .saturating_sub(reserve)
+                .max(Duration::from_secs(1)),
+        ),
+        None => wanted,
     }
 }

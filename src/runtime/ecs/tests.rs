@@ -1,0 +1,304 @@
+//! The ECS runtime against an in-memory ECS that can be as unkind as a real region: lagging
+//! `ListTasks`/`DescribeTasks` (eventual consistency), lost answers, throttling, ports held by
+//! a copy that runs already.
+
+use super::*;
+use crate::aws::AwsError;
+use crate::ecs::PlacementFailure;
+use crate::hostfs::RootedFs;
+
+/// An ECS that records calls. `lag`: a task started less than this ago is neither listed nor
+/// described (ECS's eventual consistency); `refuse`: placement failures returned first;
+/// `lose`: StartTask answers lost (the task is started all the same); `throttle`: calls
+/// throttled first.
+#[derive(Default)]
+struct FakeEcs {
+    tasks: Mutex<Vec<(EcsTask, Instant)>>,
+    lag: Duration,
+    refuse: Mutex<Vec<&'static str>>,
+    lose: Mutex<u32>,
+    throttle: Mutex<u32>,
+    calls: Mutex<Vec<String>>,
+    next: Mutex<u32>,
+}
+
+impl FakeEcs {
+    fn call(&self, what: String) -> anyhow::Result<()> {
+        self.calls.lock().unwrap().push(what.clone());
+        let mut throttle = self.throttle.lock().unwrap();
+        if *throttle > 0 {
+            *throttle -= 1;
+            return Err(AwsError {
+                op: "ecs:ListTasks",
+                kind: FailureKind::Throttled,
+                code: Some("ThrottlingException".into()),
+                what,
+                message: "Rate exceeded".into(),
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    /// Tasks ECS shows (the lag hides the young ones).
+    fn visible(&self) -> Vec<EcsTask> {
+        self.tasks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, at)| at.elapsed() >= self.lag)
+            .map(|(t, _)| t.clone())
+            .collect()
+    }
+
+    fn running(&self, family: &str) -> usize {
+        self.tasks
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(t, _)| t.family == family && t.desired_status == "RUNNING")
+            .count()
+    }
+
+    fn starts(&self) -> usize {
+        self.calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("StartTask"))
+            .count()
+    }
+}
+
+#[async_trait]
+impl Ecs for FakeEcs {
+    async fn list_running_tasks(&self, _: &str, _: &str) -> anyhow::Result<Vec<String>> {
+        self.call("ListTasks".into())?;
+        Ok(self
+            .visible()
+            .into_iter()
+            .filter(|t| t.desired_status == "RUNNING")
+            .map(|t| t.arn)
+            .collect())
+    }
+    async fn running_tasks_of(
+        &self,
+        _: &str,
+        _: &str,
+        family: &str,
+        by: &str,
+    ) -> anyhow::Result<Vec<String>> {
+        self.call(format!("ListTasks {family}"))?;
+        Ok(self
+            .visible()
+            .into_iter()
+            .filter(|t| {
+                t.desired_status == "RUNNING"
+                    && t.family == family
+                    && t.started_by.as_deref() == Some(by)
+            })
+            .map(|t| t.arn)
+            .collect())
+    }
+    async fn describe_tasks(&self, _: &str, arns: &[String]) -> anyhow::Result<Vec<EcsTask>> {
+        self.call("DescribeTasks".into())?;
+        Ok(self
+            .visible()
+            .into_iter()
+            .filter(|t| arns.contains(&t.arn))
+            .collect())
+    }
+    async fn stop_task(&self, _: &str, arn: &str, _: &str) -> anyhow::Result<()> {
+        self.call("StopTask".into())?;
+        for (t, _) in self
+            .tasks
+            .lock()
+            .unwrap()
+            .iter_mut()
+            .filter(|(t, _)| t.arn == arn)
+        {
+            t.desired_status = "STOPPED".into();
+        }
+        Ok(())
+    }
+    async fn start_task(
+        &self,
+        _: &str,
+        family: &str,
+        ci: &str,
+        by: &str,
+    ) -> anyhow::Result<StartOutcome> {
+        self.call(format!("StartTask {family}"))?;
+        if let Some(reason) = self.refuse.lock().unwrap().pop() {
+            return Ok(StartOutcome::NotPlaced(vec![PlacementFailure {
+                reason: reason.into(),
+                detail: None,
+            }]));
+        }
+        let n = {
+            let mut next = self.next.lock().unwrap();
+            *next += 1;
+            *next
+        };
+        let task = task(&format!("arn:task/{family}/{n}"), family, by, ci);
+        self.tasks
+            .lock()
+            .unwrap()
+            .push((task.clone(), Instant::now()));
+        let mut lose = self.lose.lock().unwrap();
+        if *lose > 0 {
+            *lose -= 1;
+            return Err(AwsError {
+                op: "ecs:StartTask",
+                kind: FailureKind::Lost,
+                code: None,
+                what: family.into(),
+                message: "connection closed before message completed".into(),
+            }
+            .into());
+        }
+        Ok(StartOutcome::Started(task))
+    }
+}
+
+fn task(arn: &str, family: &str, by: &str, ci: &str) -> EcsTask {
+    EcsTask {
+        arn: arn.into(),
+        family: family.into(),
+        started_by: Some(by.into()),
+        last_status: "RUNNING".into(),
+        desired_status: "RUNNING".into(),
+        container_instance_arn: Some(ci.into()),
+    }
+}
+
+fn runtime(ecs: Arc<FakeEcs>, fs: Option<Arc<dyn HostFs>>) -> EcsRuntime {
+    EcsRuntime::new(Context {
+        ecs,
+        agent: None,
+        docker: None,
+        fs,
+        cluster: "c".into(),
+        container_instance: "ci".into(),
+        instance_id: "i-1".into(),
+        tasks: [("consul-agent", "consul-agent"), ("linkerd", "linkerd")]
+            .map(|(n, f)| (n.to_string(), f.to_string()))
+            .to_vec(),
+        start_timeout: Duration::from_secs(300),
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn finds_ours_and_describes_each_task_once() {
+    let ecs = Arc::new(FakeEcs::default());
+    let now = Instant::now();
+    ecs.tasks.lock().unwrap().extend([
+        (task("arn:ours", "consul-agent", "nodeagent/i-1", "ci"), now),
+        (task("arn:app", "hello-world", "ecs-svc/123", "ci"), now),
+        (task("arn:old", "retired", "nodeagent/i-1", "ci"), now),
+    ]);
+    let rt = runtime(ecs.clone(), None);
+    let found = rt.instances().await.unwrap();
+    let mut names: Vec<&str> = found.iter().map(|i| i.task.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["consul-agent", "family:retired"]);
+    rt.instances().await.unwrap();
+    assert_eq!(
+        *ecs.calls.lock().unwrap(),
+        ["ListTasks", "DescribeTasks", "ListTasks"],
+        "a steady state costs one call"
+    );
+}
+
+/// ECS is eventually consistent: right after StartTask, ListTasks does not list the task and
+/// DescribeTasks answers it MISSING. A reconcile then used to take it for gone and start a
+/// second copy; now it is ours and starting until it shows.
+#[tokio::test(start_paused = true)]
+async fn a_task_that_listtasks_does_not_show_yet_is_not_taken_for_gone() {
+    let ecs = Arc::new(FakeEcs {
+        lag: Duration::from_secs(20),
+        ..FakeEcs::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let fs: Arc<dyn HostFs> = Arc::new(RootedFs::new(dir.path()));
+    let rt = runtime(ecs.clone(), Some(fs.clone()));
+    let started = rt.start("linkerd").await.unwrap();
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let found = rt.instances().await.unwrap();
+        assert_eq!(
+            found.iter().map(|i| &i.id).collect::<Vec<_>>(),
+            [&started.id],
+            "still ours"
+        );
+    }
+    // An agent restarted meanwhile knows it from the record, before ECS lists it.
+    let rt2 = runtime(ecs.clone(), Some(fs));
+    let found = rt2.instances().await.unwrap();
+    assert_eq!(
+        found.iter().map(|i| &i.id).collect::<Vec<_>>(),
+        [&started.id]
+    );
+    assert_eq!(ecs.starts(), 1);
+    assert_eq!(ecs.running("linkerd"), 1, "never two copies");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_whose_answer_was_lost_finds_the_task_instead_of_starting_another() {
+    let ecs = Arc::new(FakeEcs::default());
+    *ecs.lose.lock().unwrap() = 1;
+    let rt = runtime(ecs.clone(), None);
+    let started = rt.start("consul-agent").await.unwrap();
+    assert_eq!(ecs.starts(), 1, "not started twice");
+    assert_eq!(ecs.running("consul-agent"), 1);
+    assert_eq!(started.id, "arn:task/consul-agent/1");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ports_held_by_a_copy_of_ours_adopt_that_copy() {
+    let ecs = Arc::new(FakeEcs::default());
+    ecs.tasks.lock().unwrap().push((
+        task("arn:running", "linkerd", "nodeagent/i-1", "ci"),
+        Instant::now(),
+    ));
+    ecs.refuse.lock().unwrap().push("RESOURCE:PORTS");
+    let started = runtime(ecs.clone(), None).start("linkerd").await.unwrap();
+    assert_eq!(
+        started.id, "arn:running",
+        "adopted at once, not retried for minutes"
+    );
+    assert_eq!(ecs.running("linkerd"), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttling_and_placement_failures_are_retried_until_the_start_timeout() {
+    let ecs = Arc::new(FakeEcs::default());
+    *ecs.throttle.lock().unwrap() = 10;
+    ecs.refuse
+        .lock()
+        .unwrap()
+        .extend(["RESOURCE:MEMORY", "RESOURCE:MEMORY"]);
+    let started = runtime(ecs.clone(), None)
+        .start("consul-agent")
+        .await
+        .unwrap();
+    assert_eq!(started.id, "arn:task/consul-agent/1");
+    assert_eq!(ecs.starts(), 13);
+
+    let ecs = Arc::new(FakeEcs::default());
+    ecs.refuse
+        .lock()
+        .unwrap()
+        .extend(vec!["RESOURCE:MEMORY"; 10_000]);
+    let begun = Instant::now();
+    let err = runtime(ecs, None)
+        .start("linkerd")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("RESOURCE:MEMORY") && err.contains("ecs.start_timeout"),
+        "{err}"
+    );
+    assert!(begun.elapsed() <= Duration::from_secs(300));
+}
