@@ -126,10 +126,12 @@ impl AwsImds {
             ))
             .max_attempts(4)
             .connect_timeout(Duration::from_secs(1))
-            .read_timeout(Duration::from_secs(2))
-            .operation_attempt_timeout(Duration::from_secs(3))
+            // A busy metadata service (throttled at 1024 packets/s per instance) answers in
+            // seconds, not milliseconds.
+            .read_timeout(Duration::from_secs(5))
+            .operation_attempt_timeout(Duration::from_secs(6))
             // Bounds the whole item, token fetches and retries included.
-            .operation_timeout(Duration::from_secs(10))
+            .operation_timeout(Duration::from_secs(20))
             .build();
         let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
             .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());

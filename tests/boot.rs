@@ -293,8 +293,8 @@ fn imds_unreachable_exits_1_naming_the_endpoint_after_bounded_retries() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains(&endpoint), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(60), "bounded");
-    // Only the status socket's lock (runtime state, in /run on a node) is left.
-    let lock = root.path().join("run/nodeagent/nodeagent.sock.lock");
+    // Only the node's lock (runtime state, in /run on a node) is left.
+    let lock = root.path().join("run/nodeagent/agent.lock");
     assert_eq!(
         files_under(root.path(), &[&lock]),
         Vec::<std::path::PathBuf>::new(),

@@ -33,6 +33,9 @@ use std::sync::Arc;
 use tokio::time::Instant;
 use tracing::{info, info_span, warn, Instrument};
 
+/// The node's lock: one `nodeagent run` per node.
+pub const LOCK: &str = "/run/nodeagent/agent.lock";
+
 /// `nodeagent run`: boots the node and supervises its tasks until SIGTERM/SIGINT (then leaves
 /// them running). `once`: returns once every task is started or adopted (bootstrap only).
 pub async fn run(at: &Location, once: bool, logging: &Logging) -> anyhow::Result<ExitCode> {
@@ -65,6 +68,8 @@ pub async fn run(at: &Location, once: bool, logging: &Logging) -> anyhow::Result
             board.snapshot()
         })
     };
+    // One agent per node, whatever its socket.
+    let _lock = server::NodeLock::take(&fs.resolve(LOCK))?;
     let socket = fs.resolve(&early.status.socket);
     let group = fs.group_id("nodeagent").unwrap_or(None);
     let (listener, _socket) = server::bind_unix(&socket, group)?;

@@ -3,8 +3,8 @@
 //! `GET /metrics` alone on the optional TCP metrics address.
 //!
 //! The socket is created mode 0660 (owner root, group `nodeagent` when that group exists), in
-//! a directory created 0750 (same group) if missing. A lock beside it makes it one agent's: a
-//! socket left by a dead agent is replaced; a second agent is refused.
+//! a directory created 0750 (same group) if missing. The node's lock ([`NodeLock`]) makes the
+//! node one agent's: a socket left by a dead agent is replaced; a second agent is refused.
 
 use super::{metrics, NodeStatus};
 use crate::lifecycle::drain::DrainRequest;
@@ -32,11 +32,9 @@ const DIR_MODE: u32 = 0o750;
 /// What is served: the status as of the request.
 pub type Snapshot = Arc<dyn Fn() -> NodeStatus + Send + Sync>;
 
-/// The bound status socket: the lock that makes it this agent's, and the path, removed when
-/// the agent ends.
+/// The bound status socket, removed when the agent ends.
 pub struct SocketGuard {
     path: PathBuf,
-    _lock: std::fs::File,
 }
 
 impl Drop for SocketGuard {
@@ -45,9 +43,41 @@ impl Drop for SocketGuard {
     }
 }
 
+/// The one agent of a node: a lock (flock) on `path`, held for the agent's life whatever its
+/// status socket is, so a second `nodeagent run` on the node is refused — even one told
+/// another `status.socket` — and one that was killed leaves nothing that blocks the next.
+pub struct NodeLock {
+    _file: std::fs::File,
+}
+
+impl NodeLock {
+    pub fn take(path: &Path) -> anyhow::Result<NodeLock> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .with_context(|| format!("opening nodeagent's lock {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(NodeLock { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => bail!(
+                "another nodeagent runs on this node (it holds {}): stop it first (systemctl stop nodeagent)",
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+            }
+        }
+    }
+}
+
 /// Binds the status socket at `path` (see the module doc); `group` owns it (and a directory
-/// created for it) when given. One agent per socket: `PATH.lock` beside it is held (flock) for
-/// the agent's life, so a socket left by a killed agent is replaced and a live agent's is not.
+/// created for it) when given. The caller holds the node's lock ([`NodeLock`]): whatever is at
+/// the path was left by an agent that is gone, and is replaced.
 pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<(UnixListener, SocketGuard)> {
     let dir = path
         .parent()
@@ -61,26 +91,6 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<(UnixListene
                 .with_context(|| format!("giving {} to group {gid}", dir.display()))?;
         }
     }
-    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("opening the status socket's lock {}", lock_path.display()))?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => bail!(
-            "another nodeagent holds {} and answers on {}: stop it first (systemctl stop nodeagent), or give this one another status.socket",
-            lock_path.display(),
-            path.display()
-        ),
-        Err(std::fs::TryLockError::Error(e)) => {
-            return Err(anyhow::Error::new(e)
-                .context(format!("locking {}", lock_path.display())))
-        }
-    }
-    // Ours now: whatever is at the path was left by an agent that is gone.
     match std::fs::remove_file(path) {
         Ok(()) => debug!(path = %path.display(), "removed a stale status socket"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -99,11 +109,12 @@ pub fn bind_unix(path: &Path, group: Option<u32>) -> anyhow::Result<(UnixListene
             format!("giving the status socket {} to group {gid}", path.display())
         })?;
     }
-    let guard = SocketGuard {
-        path: path.to_path_buf(),
-        _lock: lock,
-    };
-    Ok((listener, guard))
+    Ok((
+        listener,
+        SocketGuard {
+            path: path.to_path_buf(),
+        },
+    ))
 }
 
 /// Serves `GET /v1/status`, `GET /metrics` and `POST /v1/drain` (handed to `drains`) on the
