@@ -7,6 +7,10 @@
 //!    saying `StartTask` answered (same machine clock).
 //! 3. Idle cost over 60 s with three healthy supervised containers (docker runtime): RSS and CPU
 //!    of nodeagent; and ECS API calls per minute of an idle ECS-runtime nodeagent.
+//!
+//! The docker-runtime figures are those of a whole node (`tests/support/node.rs`: the default
+//! configuration on the stand-in images), so the benchmark runs in a network namespace of its
+//! own (`tests/support/netns.rs`), where the stand-ins listen on their real ports.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -15,9 +19,10 @@ use bollard::query_parameters::EventsOptions;
 use futures_util::StreamExt;
 use std::collections::HashMap;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use support::agent::{consul_http, docker_config, Agent, Ports};
-use support::docker::{free_port, Engine};
-use support::World;
+use support::agent::Agent;
+use support::docker::Engine;
+use support::node::Node;
+use support::{netns, World};
 
 const KILLS: usize = 50;
 const IDLE: Duration = Duration::from_secs(60);
@@ -25,6 +30,9 @@ const IDLE: Duration = Duration::from_secs(60);
 const FAST_RESET: &str = "backoff_reset_after = \"100ms\"\ncrash_loop_restarts = 1000";
 
 fn main() {
+    if !netns::enter_program() {
+        return;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -41,13 +49,6 @@ fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn ports() -> Ports {
-    Ports {
-        consul: free_port(),
-        linkerd: free_port(),
-    }
 }
 
 /// (action, container id, epoch seconds) of container events with `label`.
@@ -80,15 +81,8 @@ fn events(
         .boxed()
 }
 
-fn task_container(engine: &Engine, world: &World, task: &str) -> String {
-    engine.cli(&[
-        "ps",
-        "-q",
-        "--filter",
-        &format!("label=io.nodeagent.node={}", world.info.instance_id),
-        "--filter",
-        &format!("label=io.nodeagent.task={task}"),
-    ])
+fn task_container(node: &Node, task: &str) -> String {
+    node.container(task).unwrap_or_default()
 }
 
 fn report(title: &str, ms: &[f64]) {
@@ -103,20 +97,18 @@ fn report(title: &str, ms: &[f64]) {
 }
 
 async fn docker_restart_latency() {
-    let world = World::start(&[]);
-    let engine = Engine::start();
-    let p = ports();
-    let sleeper = r#"["sleep", "100000"]"#;
-    let config = docker_config(&world, &p, sleeper, &consul_http(&p), FAST_RESET);
-    let agent = Agent::start(&world, &engine, &config, "bench");
-    let mut stream = events(&engine, "io.nodeagent.task=consul-registrator");
-    while task_container(&engine, &world, "consul-registrator").is_empty() {
+    let node = Node::start(&[]);
+    node.conf_d("50-bench.toml", &format!("[supervision]\n{FAST_RESET}\n"));
+    let agent = node.run("bench");
+    let engine = &node.engine;
+    let mut stream = events(engine, "io.nodeagent.task=consul-registrator");
+    while task_container(&node, "consul-registrator").is_empty() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (mut latencies, mut reactions) = (Vec::new(), Vec::new());
     for _ in 0..KILLS {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let victim = task_container(&engine, &world, "consul-registrator");
+        let victim = task_container(&node, "consul-registrator");
         engine.cli(&["kill", &victim]);
         let mut died = None;
         while let Some((action, id, at)) = stream.next().await {
@@ -248,21 +240,11 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 async fn docker_idle_cost() {
-    let world = World::start(&[]);
-    let engine = Engine::start();
-    let p = ports();
-    // Default health-check interval (5 s) and reconcile (60 s).
-    let config = docker_config(&world, &p, r#"["sleep", "100000"]"#, &consul_http(&p), "");
-    let text = std::fs::read_to_string(&config)
-        .unwrap()
-        .replace("interval = \"500ms\"\n", "")
-        .replace("reconcile_interval = \"2s\"\n", "");
-    std::fs::write(&config, text).unwrap();
-    let agent = Agent::start(&world, &engine, &config, "idle");
+    // The default configuration: health checks every 5 s, a reconcile every 60 s.
+    let node = Node::start(&[]);
+    let agent = node.run("idle");
     let pid = agent.child.id();
-    while !agent.log().contains("to=Healthy")
-        || task_container(&engine, &world, "linkerd").is_empty()
-    {
+    while !node.healthy() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -119,11 +119,10 @@ fn prepare_image_refuses_while_the_ecs_agent_or_containers_run() {
         world.info.agent_url
     );
     let root = populated(&config);
-    assert!(
-        support::eventually(std::time::Duration::from_secs(10), || {
-            std::net::TcpStream::connect(world.info.agent_url.trim_start_matches("http://")).is_ok()
-        }),
-        "the agent fixture comes up"
+    support::wait_for(
+        std::time::Duration::from_secs(10),
+        "the agent fixture to come up",
+        || std::net::TcpStream::connect(world.info.agent_url.trim_start_matches("http://")).is_ok(),
     );
     let out = prepare_image(root.path(), "unix:///nonexistent/docker.sock");
     let stderr = String::from_utf8_lossy(&out.stderr);

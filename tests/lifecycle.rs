@@ -1,5 +1,10 @@
-//! The node's standing in its cluster, against the emulated ECS (moto): the readiness
-//! attribute follows the tasks' health (ECS runtime, one health check the test controls).
+//! The node's standing in its cluster. Against the emulated ECS (moto), the ECS runtime: the
+//! readiness attribute follows the tasks' health (one health check the test controls); drains
+//! (scale-in, spot, at shutdown) in order, their calls on the world's clock, its Consul API the
+//! world's fixture. On a whole node (the Node harness: the docker runtime, the default
+//! configuration on the stand-in images, in a network namespace of its own): a drain's order
+//! on the engine's clock around the Consul stand-in's leave, and a drained node that stays
+//! drained when its agent restarts.
 
 mod support;
 
@@ -7,7 +12,11 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 use support::agent::Agent;
-use support::World;
+use support::docker::stamp;
+use support::node::Node;
+use support::{netns, wait_for, wait_for_async, World};
+
+const BOOT: Duration = Duration::from_secs(60);
 
 /// The attributes of this node's container instance: name → value.
 async fn attributes(world: &World) -> Vec<(String, Option<String>)> {
@@ -37,17 +46,6 @@ async fn ready(world: &World) -> Option<String> {
         .map(|(_, v)| v.unwrap_or_default())
 }
 
-async fn eventually(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if cond().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("timed out waiting for {what}");
-}
-
 #[tokio::test]
 async fn the_readiness_attribute_follows_the_tasks_health() {
     let world = World::start(&[]);
@@ -62,7 +60,7 @@ async fn the_readiness_attribute_follows_the_tasks_health() {
     )
     .unwrap();
     let agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
-    eventually(Duration::from_secs(30), "the three tasks", async || {
+    wait_for_async(Duration::from_secs(30), "the three tasks", async || {
         world.running_tasks().await.len() == 3
     })
     .await;
@@ -74,7 +72,7 @@ async fn the_readiness_attribute_follows_the_tasks_health() {
     );
 
     let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    eventually(
+    wait_for_async(
         Duration::from_secs(10),
         "nodeagent.ready=true",
         async || ready(&world).await.as_deref() == Some("true"),
@@ -83,7 +81,7 @@ async fn the_readiness_attribute_follows_the_tasks_health() {
 
     // linkerd's check fails from now on: after the 2 s grace the attribute goes.
     drop(listener);
-    eventually(
+    wait_for_async(
         Duration::from_secs(10),
         "the attribute removed",
         async || ready(&world).await.is_none(),
@@ -93,7 +91,7 @@ async fn the_readiness_attribute_follows_the_tasks_health() {
     assert!(log.contains("removed nodeagent.ready"), "{log}");
 
     let _listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-    eventually(
+    wait_for_async(
         Duration::from_secs(10),
         "nodeagent.ready=true again",
         async || ready(&world).await.as_deref() == Some("true"),
@@ -241,7 +239,7 @@ fn stop_order(log: &str) -> Vec<String> {
 }
 
 async fn ready_to_drain(world: &World) {
-    eventually(
+    wait_for_async(
         Duration::from_secs(30),
         "nodeagent.ready=true",
         async || ready(world).await.as_deref() == Some("true"),
@@ -256,7 +254,7 @@ async fn set_imds(world: &World, items: serde_json::Value) {
 
 /// Waits until the agent says its drain is done.
 async fn drained(agent: &Agent, what: &str) {
-    eventually(Duration::from_secs(30), what, async || {
+    wait_for_async(Duration::from_secs(30), what, async || {
         agent
             .log()
             .contains("drained: the node's tasks are stopped")
@@ -278,7 +276,7 @@ async fn scale_in_drains_in_order_and_completes_the_lifecycle_action() {
         serde_json::json!({"autoscaling/target-lifecycle-state": "Terminated"}),
     )
     .await;
-    eventually(
+    wait_for_async(
         Duration::from_secs(10),
         "DRAINING and Consul maintenance",
         async || {
@@ -510,108 +508,33 @@ fn drain_without_an_agent_says_so() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("nodeagent is not running"));
 }
 
-#[tokio::test]
-async fn a_task_crash_looping_too_long_marks_the_instance_unhealthy_once() {
-    let world = World::start(&["--asg", "g"]);
-    let engine = support::docker::Engine::start();
-    let ports = support::agent::Ports {
-        consul: support::docker::free_port(),
-        linkerd: support::docker::free_port(),
-    };
-    let config = support::agent::docker_config(
-        &world,
-        &ports,
-        r#"["sh", "-c", "exit 3"]"#,
-        &support::agent::consul_http(&ports),
-        "crash_loop_restarts = 2\n[lifecycle]\nunhealthy_after = \"1s\"",
-    );
-    let agent = Agent::start(&world, &engine, &config, "agent");
-    eventually(Duration::from_secs(60), "SetInstanceHealth", async || {
-        let stats = world
-            .control("GET", "/stats", serde_json::Value::Null)
-            .await;
-        stats["aws"]["by_operation"]["autoscaling:SetInstanceHealth"] == 1
-    })
-    .await;
-    let asg = aws_sdk_autoscaling::Client::new(&world.sdk().await);
-    let out = asg
-        .describe_auto_scaling_instances()
-        .instance_ids(&world.info.instance_id)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        out.auto_scaling_instances()[0].health_status(),
-        Some("Unhealthy")
-    );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let stats = world
-        .control("GET", "/stats", serde_json::Value::Null)
-        .await;
-    assert_eq!(
-        stats["aws"]["by_operation"]["autoscaling:SetInstanceHealth"], 1,
-        "once"
-    );
-    let log = agent.log();
-    assert!(
-        log.contains("crash-looped too long: marked this instance Unhealthy"),
-        "{log}"
-    );
+/// The node's drain, as `status --json` shows it, once it is done.
+fn drained_node(node: &Node) -> Option<serde_json::Value> {
+    node.status()
+        .filter(|s| s["phase"] == "drained" && s["drain"]["done"] == true)
 }
 
-#[tokio::test]
-async fn a_docker_node_drains_its_containers_in_order_around_consul_leave() {
-    let world = World::start(&[]);
-    let engine = support::docker::Engine::start();
-    let ports = support::agent::Ports {
-        consul: support::docker::free_port(),
-        linkerd: support::docker::free_port(),
-    };
-    let config = support::agent::docker_config(
-        &world,
-        &ports,
-        r#"["sleep", "100000"]"#,
-        &support::agent::consul_http(&ports),
-        &format!("[consul]\napi = \"{}\"", world.info.consul_url),
+#[test]
+fn a_docker_node_drains_its_containers_in_order_around_consul_leave() {
+    if !netns::enter("a_docker_node_drains_its_containers_in_order_around_consul_leave") {
+        return;
+    }
+    let node = Node::start(&[]);
+    let mut agent = node.run("agent");
+    wait_for(BOOT, "a healthy node", || node.healthy());
+    // The drain's Consul calls go to the default `consul.api`: the Consul stand-in, which logs
+    // every request. Followed from its first line until it ends (the drain removes it).
+    let consul = node.engine.follow_logs(
+        &node.container("consul-agent").unwrap(),
+        &node.path("/consul-agent.log"),
     );
-    let mut agent = Agent::start(&world, &engine, &config, "agent");
-    let status = || {
-        Command::new(env!("CARGO_BIN_EXE_nodeagent"))
-            .args(["status", "--root"])
-            .arg(world.root.path())
-            .output()
-            .unwrap()
-            .status
-            .code()
-    };
-    eventually(Duration::from_secs(40), "a healthy node", async || {
-        status() == Some(0)
-    })
-    .await;
-    // The engine's own record of every container death, with its time.
-    let mut events = Command::new("docker")
-        .args([
-            "-H",
-            &engine.socket,
-            "events",
-            "--filter",
-            "event=die",
-            "--format",
-        ])
-        .arg("{{index .Actor.Attributes \"io.nodeagent.task\"}} {{.TimeNano}}")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let since = stamp();
 
-    let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
-        .args(["drain", "--root"])
-        .arg(world.root.path())
-        .output()
-        .unwrap();
+    let out = node.nodeagent(&["drain"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
     for step in [
+        "container instance DRAINING",
         "consul maintenance",
         "stop consul-registrator",
         "stop linkerd",
@@ -623,99 +546,109 @@ async fn a_docker_node_drains_its_containers_in_order_around_consul_leave() {
             "{step}: {stdout}"
         );
     }
-    assert!(
-        !stdout.contains("DRAINING"),
-        "no container instance on this node: {stdout}"
+
+    // The engine's own record of the deaths, on its clock.
+    let deaths = node.engine.events(
+        &since,
+        &[
+            "event=die",
+            &format!("label=io.nodeagent.node={}", node.world.info.instance_id),
+        ],
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = events.kill();
-    let mut text = String::new();
-    use std::io::Read;
-    events
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut text)
-        .unwrap();
-    let _ = events.wait();
-    let deaths: Vec<(String, f64)> = text
-        .lines()
-        .filter_map(|l| l.split_once(' '))
-        .map(|(t, ns)| (t.to_string(), ns.parse::<f64>().unwrap() / 1e9))
-        .collect();
-    let order: Vec<&str> = deaths.iter().map(|(t, _)| t.as_str()).collect();
+    let order: Vec<&str> = deaths.iter().map(|d| d.task.as_str()).collect();
     assert_eq!(
         order,
         ["consul-registrator", "linkerd", "consul-agent"],
-        "{text}"
+        "{deaths:?}"
     );
-    let consul = world
-        .control("GET", "/consul", serde_json::Value::Null)
-        .await;
-    let leave = consul["calls"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["call"] == "leave")
-        .unwrap()["at"]
-        .as_f64()
-        .unwrap();
+    assert_eq!(deaths[2].exit_code, Some(0), "Consul left and exited 0");
+    // What the Consul stand-in was asked, with the engine's time of each line.
+    let requests: Vec<(f64, String)> = consul
+        .lines(Duration::from_secs(10))
+        .into_iter()
+        .filter_map(|(at, l)| Some((at, l.split_once("agent: http: Request ")?.1.to_string())))
+        .filter(|(_, r)| !r.starts_with("GET /v1/status/leader"))
+        .collect();
+    let asked = |what: &str| -> Vec<f64> {
+        requests
+            .iter()
+            .filter(|(_, r)| r.starts_with(what))
+            .map(|(at, _)| *at)
+            .collect()
+    };
+    let maintenance = asked("PUT /v1/agent/maintenance?enable=true&reason=");
+    let leave = asked("PUT /v1/agent/leave");
+    assert_eq!(maintenance.len(), 1, "{requests:?}");
+    assert_eq!(leave.len(), 1, "{requests:?}");
     assert!(
-        deaths[1].1 < leave && leave < deaths[2].1,
-        "leave between linkerd's and consul's deaths: {deaths:?} {leave}"
+        maintenance[0] < deaths[0].at,
+        "maintenance before the first stop: {requests:?} {deaths:?}"
     );
-    // Held: nothing comes back.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let running = engine.cli(&["ps", "-q"]);
-    assert!(running.is_empty(), "{running}");
+    assert!(
+        deaths[1].at < leave[0] && leave[0] < deaths[2].at,
+        "leave between linkerd's and consul's deaths: {deaths:?} {requests:?}"
+    );
+
+    // Held: the node stays drained, its tasks stopped, no container left.
+    let s = drained_node(&node).expect("drained");
+    assert_eq!(s["drain"]["trigger"], "requested");
+    for t in s["tasks"].as_array().unwrap() {
+        assert_eq!(t["state"], "stopped", "{t}");
+    }
+    assert_eq!(node.containers(), []);
     assert!(agent.sigterm().success());
 }
 
-#[tokio::test]
-async fn a_drained_node_stays_drained_when_its_agent_restarts() {
-    let (world, config) = drain_world();
-    let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
-    ready_to_drain(&world).await;
+#[test]
+fn a_drained_node_stays_drained_when_its_agent_restarts() {
+    if !netns::enter("a_drained_node_stays_drained_when_its_agent_restarts") {
+        return;
+    }
+    let node = Node::start(&[]);
+    node.conf_d("50-drain.toml", "[lifecycle]\ntrigger_poll = \"200ms\"\n");
+    let mut agent = node.run("agent");
+    wait_for(BOOT, "a healthy node", || node.healthy());
+    let before = node.containers();
 
     // The unit's ExecStop on a restart: not at shutdown, so no drain.
-    let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
-        .args(["drain", "--if-shutting-down", "--root"])
-        .arg(world.root.path())
-        .output()
-        .unwrap();
+    let out = node.nodeagent(&["drain", "--if-shutting-down"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("not shutting down: no drain"));
-    assert_eq!(world.running_tasks().await.len(), 3);
+    let s = node.status().unwrap();
+    assert!(s["phase"] == "supervise" && s["drain"].is_null(), "{s}");
+    assert_eq!(node.containers(), before);
 
-    set_imds(
-        &world,
+    support::block_on(node.world.control(
+        "POST",
+        "/imds/items",
         serde_json::json!({"spot/instance-action": "{\"action\": \"stop\"}"}),
-    )
-    .await;
-    drained(&agent, "the drain").await;
-    assert!(agent.sigterm().success());
-    assert_eq!(world.read("/run/nodeagent/drain"), "spot-interruption");
-    let starts = |stats: &serde_json::Value| {
-        stats["aws"]["by_operation"]["ecs:StartTask"]
-            .as_u64()
-            .unwrap_or(0)
-    };
-    let before = starts(
-        &world
-            .control("GET", "/stats", serde_json::Value::Null)
-            .await,
+    ));
+    wait_for(BOOT, "the drain done", || drained_node(&node).is_some());
+    assert_eq!(
+        drained_node(&node).unwrap()["drain"]["trigger"],
+        "spot-interruption"
     );
+    assert!(agent.sigterm().success());
+    assert_eq!(node.world.read("/run/nodeagent/drain"), "spot-interruption");
+    assert_eq!(node.containers(), []);
 
     // A new agent (a watchdog restart, an upgrade): it resumes the drain and starts nothing.
-    let second = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "second");
-    drained(&second, "the resumed drain").await;
-    assert!(second
-        .log()
-        .contains("resuming the drain, starting nothing"));
-    let stats = world
-        .control("GET", "/stats", serde_json::Value::Null)
-        .await;
-    assert_eq!(starts(&stats), before, "no task started again: {stats}");
-    assert!(world.running_tasks().await.is_empty());
-    assert!(ready(&world).await.is_none(), "no readiness attribute");
+    let since = stamp();
+    let _second = node.run("second");
+    wait_for(BOOT, "the resumed drain done", || {
+        drained_node(&node).is_some_and(|s| s["drain"]["trigger"] == "resumed")
+    });
+    let created = node.engine.events(
+        &since,
+        &[
+            "event=create",
+            &format!("label=io.nodeagent.node={}", node.world.info.instance_id),
+        ],
+    );
+    assert_eq!(created, [], "no container created");
+    assert_eq!(node.containers(), []);
+    assert!(
+        support::block_on(ready(&node.world)).is_none(),
+        "no readiness attribute"
+    );
 }

@@ -8,6 +8,7 @@ mod support;
 
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;
+use support::docker::IMAGE;
 use support::node::Node;
 use support::notify::Listener;
 use support::{netns, wait_for};
@@ -76,9 +77,33 @@ fn a_first_boot_meets_every_images_contract() {
         .unwrap();
     assert_eq!(restarted["restarts"], 1, "{restarted}");
 
-    // A new agent adopts what runs; SIGTERM leaves it running.
+    // A removed one too.
+    let linkerd = node.container("linkerd").unwrap();
+    node.engine.cli(&["rm", "-f", &linkerd]);
+    wait_for(BOOT, "linkerd replaced and healthy", || {
+        node.container("linkerd").is_some_and(|c| c != linkerd) && node.healthy()
+    });
+    let replaced = node.task("linkerd").unwrap();
+    assert_eq!(replaced["restarts"], 1, "{replaced}");
+
+    // A new agent adopts what runs, and removes a container of this node for a task that is
+    // not configured (any more); SIGTERM leaves the tasks running.
     let before = node.containers();
     agent.sigkill();
+    let stray = node.engine.cli(&[
+        "run",
+        "-d",
+        "--network",
+        "host",
+        "--label",
+        &format!("io.nodeagent.node={}", node.world.info.instance_id),
+        "--label",
+        "io.nodeagent.task=retired",
+        IMAGE,
+        "sleep",
+        "100000",
+    ]);
+    assert!(node.container("retired").is_some(), "the stray runs");
     let mut second = node.run("second");
     wait_for(BOOT, "the running tasks adopted", || {
         node.status().is_some_and(|s| {
@@ -89,6 +114,11 @@ fn a_first_boot_meets_every_images_contract() {
                     .iter()
                     .all(|t| t["adopted"] == true)
         })
+    });
+    wait_for(BOOT, "the stray removed", || {
+        node.engine
+            .cli(&["ps", "-aq", "--filter", &format!("id={stray}")])
+            .is_empty()
     });
     assert_eq!(node.containers(), before, "the same containers");
     assert!(second.sigterm().success());
@@ -102,7 +132,7 @@ fn a_first_boot_meets_every_images_contract() {
 /// A task that never gets healthy (Consul cannot read a config file made 0600 for root: the
 /// image runs it as uid 100). The agent must not be restart-looped by systemd: it becomes
 /// ready as a degraded node after `supervision.ready_timeout`, says why in `status`, and
-/// marks the instance unhealthy in its group after `lifecycle.unhealthy_after`.
+/// marks the instance unhealthy in its group after `lifecycle.unhealthy_after`, once.
 #[test]
 fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
     if !netns::enter("a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why") {
@@ -144,6 +174,15 @@ fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
     let out = node.nodeagent(&["status"]);
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("health     DEGRADED"), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("consul-agent "))
+        .unwrap_or_else(|| panic!("no row for consul-agent: {table}"));
+    assert!(
+        row.contains(" crash-loop ") && row.contains(" 1 ("),
+        "its state and last exit code: {row}"
+    );
     assert!(
         table.contains("consul-agent (crash-loop) last wrote:"),
         "{table}"
@@ -164,5 +203,17 @@ fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
         Duration::from_secs(30),
         "the instance marked Unhealthy",
         || node.world.instance_health().as_deref() == Some("Unhealthy"),
+    );
+    // Once: more crashes (each a change self-healing sees) ask nothing more of the group.
+    let restarts = |node: &Node| node.task("consul-agent").unwrap()["restarts"].as_u64();
+    let marked_at = restarts(&node).unwrap();
+    wait_for(Duration::from_secs(30), "two more restarts", || {
+        restarts(&node).is_some_and(|r| r >= marked_at + 2)
+    });
+    let stats = support::block_on(node.world.control("GET", "/stats", serde_json::Value::Null));
+    assert_eq!(
+        stats["aws"]["by_operation"]["autoscaling:SetInstanceHealth"], 1,
+        "once: {}",
+        stats["aws"]["by_operation"]
     );
 }

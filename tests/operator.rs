@@ -1,39 +1,29 @@
-//! The operator surface against a running agent (docker runtime, a private Docker engine, the
-//! test world): `nodeagent status` (table, JSON, exit codes 0/1/3), the metrics endpoint, the
-//! systemd notify protocol on a real datagram socket (order, readiness, watchdog withheld while
-//! the supervision loop is stuck), and native journal entries on a test journal socket.
+//! The operator surface against a running agent on a whole node (the Node harness: the docker
+//! runtime, the default configuration on the stand-in images, each test in a network namespace
+//! of its own): `nodeagent status` (table, JSON, exit codes 0/1/3), the socket and its lock, the
+//! metrics endpoint, the systemd notify protocol on a real datagram socket (order, readiness,
+//! watchdog withheld while the supervision loop is stuck), and native journal entries on a test
+//! journal socket. A boot waiting on a late ECS agent needs no engine: the ECS runtime alone.
 
 mod support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
-
 use std::time::{Duration, Instant};
-use support::agent::{consul_http, docker_config, Agent, Ports};
-use support::docker::{free_port, Engine};
+use support::agent::Agent;
+use support::node::{Node, NODE_IP};
 use support::notify::Listener;
-use support::World;
+use support::{netns, wait_for, World};
 
-const SLEEPER: &str = r#"["sleep", "100000"]"#;
-const CRASHER: &str = r#"["sh", "-c", "echo registrator cannot reach consul; exit 3"]"#;
+const BOOT: Duration = Duration::from_secs(60);
+const METRICS: u16 = 9113;
 
-fn ports() -> Ports {
-    Ports {
-        consul: free_port(),
-        linkerd: free_port(),
-    }
-}
-
-/// `nodeagent status --root ROOT ARGS...`: exit code, stdout, stderr.
-fn status(world: &World, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
-        .arg("status")
-        .arg("--root")
-        .arg(world.root.path())
-        .args(args)
-        .output()
-        .unwrap();
+/// `nodeagent status ARGS...` on the node: exit code, stdout, stderr.
+fn status(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["status"];
+    all.extend_from_slice(args);
+    let out = node.nodeagent(&all);
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -41,27 +31,11 @@ fn status(world: &World, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn status_json(world: &World) -> Option<serde_json::Value> {
-    let (code, out, _) = status(world, &["--json"]);
-    (code == 0 || code == 1).then(|| serde_json::from_str(&out).expect("status --json is JSON"))
-}
-
-fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    assert!(
-        support::eventually(limit, &mut cond),
-        "timed out waiting for {what}"
-    );
-}
-
 fn task<'a>(status: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    find_task(status, name).unwrap_or_else(|| panic!("no task {name} in {status}"))
-}
-
-fn find_task<'a>(status: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
     status["tasks"]
-        .as_array()?
-        .iter()
-        .find(|t| t["name"] == name)
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["name"] == name))
+        .unwrap_or_else(|| panic!("no task {name} in {status}"))
 }
 
 fn http_get(port: u16, path: &str) -> String {
@@ -70,37 +44,31 @@ fn http_get(port: u16, path: &str) -> String {
 
 #[test]
 fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
-    let world = World::start(&[]);
-    let engine = Engine::start();
-    let p = ports();
-    let metrics = free_port();
-    let config = docker_config(
-        &world,
-        &p,
-        SLEEPER,
-        &consul_http(&p),
-        &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\""),
+    if !netns::enter("status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone") {
+        return;
+    }
+    let node = Node::start(&[]);
+    node.conf_d(
+        "50-metrics.toml",
+        &format!("[metrics]\nlisten = \"127.0.0.1:{METRICS}\"\n"),
     );
 
-    let (code, _, err) = status(&world, &[]);
+    let (code, _, err) = status(&node, &[]);
     assert_eq!(code, 3, "no agent yet: {err}");
     assert!(
         err.contains("nodeagent is not running") && err.contains("no socket"),
         "{err}"
     );
 
-    let mut agent = Agent::start(&world, &engine, &config, "agent");
+    let mut agent = node.run("agent");
     let mut table = String::new();
-    wait_for(Duration::from_secs(40), "status to answer 0", || {
-        let (code, out, _) = status(&world, &[]);
+    wait_for(BOOT, "status to answer 0", || {
+        let (code, out, _) = status(&node, &[]);
         table = out;
         code == 0
     });
-    let node = format!(
-        "node       {} ({}",
-        world.info.instance_id, world.info.local_ipv4
-    );
-    assert!(table.contains(&node), "{table}");
+    let line = format!("node       {} ({NODE_IP}", node.world.info.instance_id);
+    assert!(table.contains(&line), "{table}");
     assert!(table.contains("health     healthy"), "{table}");
     assert!(
         table.contains("phase      supervise: 3/3 tasks healthy"),
@@ -118,13 +86,13 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
         "{table}"
     );
 
-    let s = status_json(&world).unwrap();
+    let s = node.status().unwrap();
     assert_eq!(s["version"], 1);
-    assert_eq!(s["instance_id"], world.info.instance_id.as_str());
+    assert_eq!(s["instance_id"], node.world.info.instance_id.as_str());
     assert_eq!(s["phase"], "supervise");
     assert_eq!(s["healthy"], true);
     assert_eq!(s["runtime"], "docker");
-    assert_eq!(s["node"]["local_ipv4"], world.info.local_ipv4.as_str());
+    assert_eq!(s["node"]["local_ipv4"], NODE_IP);
     assert_eq!(s["consul"]["servers"].as_array().unwrap().len(), 2);
     let phases: Vec<&str> = s["phases"]
         .as_array()
@@ -132,7 +100,11 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
         .iter()
         .map(|p| p["phase"].as_str().unwrap())
         .collect();
-    assert_eq!(phases, ["imds", "discover", "render"], "ecs.join = false");
+    assert_eq!(
+        phases,
+        ["imds", "join", "discover", "agent", "render"],
+        "{s}"
+    );
     for name in ["consul-agent", "consul-registrator", "linkerd"] {
         let t = task(&s, name);
         assert_eq!(t["state"], "healthy", "{t}");
@@ -141,16 +113,17 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
         assert!(t["last_exit"].is_null(), "{t}");
         assert!(t["instance"].as_str().is_some_and(|i| i.len() == 64), "{t}");
     }
+    assert_eq!(task(&s, "consul-agent")["health"], "ok");
     assert_eq!(task(&s, "linkerd")["health"], "ok");
     // The checksums are those of the files on disk.
     for f in s["files"].as_array().unwrap() {
         use sha2::Digest;
-        let on_disk = std::fs::read(world.path(f["path"].as_str().unwrap())).unwrap();
+        let on_disk = std::fs::read(node.path(f["path"].as_str().unwrap())).unwrap();
         assert_eq!(f["sha256"], format!("{:x}", sha2::Sha256::digest(&on_disk)));
     }
 
     // The same document, as Prometheus metrics.
-    let m = http_get(metrics, "/metrics");
+    let m = http_get(METRICS, "/metrics");
     assert!(m.starts_with("HTTP/1.0 200 OK"), "{m}");
     assert!(m.contains("nodeagent_healthy 1\n"), "{m}");
     assert!(
@@ -174,86 +147,46 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
         "{m}"
     );
     assert!(
-        http_get(metrics, "/v1/status").starts_with("HTTP/1.0 404"),
+        http_get(METRICS, "/v1/status").starts_with("HTTP/1.0 404"),
         "status only on the socket"
     );
 
-    // The socket is 0660, and a second agent on it is refused.
-    let socket = world.path("/run/nodeagent/nodeagent.sock");
+    // The socket is 0660, and a second agent on it is refused: it exits, saying why, and the
+    // first one goes on as it was.
+    let socket = node.path("/run/nodeagent/nodeagent.sock");
     assert_eq!(std::fs::metadata(&socket).unwrap().mode() & 0o777, 0o660);
-    let mut second = Agent::start(&world, &engine, &config, "second");
+    let containers = node.containers();
+    let mut second = node.run("second");
     wait_for(Duration::from_secs(20), "the second agent to exit", || {
         !second.alive()
     });
+    assert_eq!(second.child.wait().unwrap().code(), Some(1));
+    let said = second.log();
     assert!(
-        second.log().contains("another nodeagent holds"),
-        "{}",
-        second.log()
+        said.contains("nodeagent: error: another nodeagent holds"),
+        "its error: {said}"
     );
-    assert_eq!(status(&world, &[]).0, 0, "the first agent still answers");
+    let now = node.status().expect("the first agent still answers");
+    assert_eq!(now["started_at"], s["started_at"], "the same agent");
+    assert_eq!(now["healthy"], true);
+    assert_eq!(node.containers(), containers);
 
     // SIGTERM: the socket goes away with the agent.
     assert!(agent.sigterm().success());
     assert!(!socket.exists());
-    let (code, _, err) = status(&world, &[]);
+    let (code, _, err) = status(&node, &[]);
     assert_eq!(code, 3, "{err}");
 
     // SIGKILL leaves a stale socket: still 3, and the next agent replaces it.
-    let mut agent = Agent::start(&world, &engine, &config, "third");
-    wait_for(Duration::from_secs(40), "the third agent", || {
-        status(&world, &[]).0 == 0
-    });
+    let mut agent = node.run("third");
+    wait_for(BOOT, "the third agent", || status(&node, &[]).0 == 0);
     agent.sigkill();
     assert!(socket.exists(), "a killed agent cannot clean up");
-    let (code, _, err) = status(&world, &["--socket", socket.to_str().unwrap()]);
+    let (code, _, err) = status(&node, &["--socket", socket.to_str().unwrap()]);
     assert_eq!(code, 3, "{err}");
     assert!(err.contains("connection refused"), "{err}");
-    let _fourth = Agent::start(&world, &engine, &config, "fourth");
-    wait_for(Duration::from_secs(40), "the fourth agent", || {
-        status(&world, &[]).0 == 0
-    });
-}
-
-#[test]
-fn a_crash_looping_task_makes_status_exit_1_and_shows_why() {
-    let world = World::start(&[]);
-    let engine = Engine::start();
-    let p = ports();
-    let config = docker_config(
-        &world,
-        &p,
-        CRASHER,
-        &consul_http(&p),
-        "crash_loop_restarts = 3",
-    );
-    let _agent = Agent::start(&world, &engine, &config, "agent");
-    wait_for(Duration::from_secs(60), "registrator in crash-loop", || {
-        status_json(&world).is_some_and(|s| {
-            find_task(&s, "consul-registrator").is_some_and(|t| t["state"] == "crash-loop")
-        })
-    });
-    let (code, table, _) = status(&world, &[]);
-    assert_eq!(code, 1, "degraded: {table}");
-    assert!(table.contains("health     DEGRADED"), "{table}");
-    assert!(
-        table.contains("consul-registrator crash-loop"),
-        "the summary names it: {table}"
-    );
-    let row = table
-        .lines()
-        .find(|l| l.starts_with("consul-registrator "))
-        .unwrap();
-    assert!(
-        row.contains("crash-loop") && row.contains(" 3 ("),
-        "exit code 3: {row}"
-    );
-
-    let s = status_json(&world).unwrap();
-    assert_eq!(s["healthy"], false);
-    let t = task(&s, "consul-registrator");
-    assert!(t["restarts"].as_u64().unwrap() >= 3, "{t}");
-    assert_eq!(t["last_exit"]["code"], 3, "{t}");
-    assert_eq!(task(&s, "linkerd")["state"], "healthy");
+    let _fourth = node.run("fourth");
+    wait_for(BOOT, "the fourth agent", || status(&node, &[]).0 == 0);
 }
 
 /// SIGCONTs the engine whatever happens, so it can be stopped.
@@ -278,44 +211,49 @@ impl Drop for Frozen {
     }
 }
 
+/// When each `WATCHDOG=1` arrived.
+fn pings(listener: &Listener) -> Vec<Instant> {
+    listener
+        .messages()
+        .into_iter()
+        .filter(|(_, m)| m == "WATCHDOG=1\n")
+        .map(|(t, _)| t)
+        .collect()
+}
+
 #[test]
 fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_stuck() {
-    let world = World::start(&[]);
-    let engine = Engine::start();
-    let p = ports();
-    let config = docker_config(&world, &p, SLEEPER, &consul_http(&p), "");
-    let notify = world.root.path().join("notify.sock");
+    if !netns::enter(
+        "systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_stuck",
+    ) {
+        return;
+    }
+    let node = Node::start(&[]);
+    // The loop lists the node's containers every 2 s (the reconcile): soon after the engine
+    // freezes, it hangs in that call.
+    node.conf_d(
+        "50-reconcile.toml",
+        "[supervision]\nreconcile_interval = \"2s\"\n",
+    );
+    let notify = node.path("/notify.sock");
     let listener = Listener::bind(&notify);
-    let mut agent = Agent::start_with(&world, &engine.socket, &config, "agent", |cmd| {
+    let mut agent = node.run_with("agent", |cmd| {
         cmd.env("NOTIFY_SOCKET", &notify)
             .env("WATCHDOG_USEC", "1000000")
             .env_remove("WATCHDOG_PID");
     });
-    wait_for(Duration::from_secs(40), "READY=1", || {
-        listener
-            .texts()
-            .iter()
-            .any(|m| m.lines().any(|l| l == "READY=1"))
-    });
+    wait_for(BOOT, "READY=1", || listener.ready().is_some());
     wait_for(Duration::from_secs(5), "watchdog pings", || {
-        listener
-            .texts()
-            .iter()
-            .filter(|m| *m == "WATCHDOG=1\n")
-            .count()
-            >= 3
+        pings(&listener).len() >= 3
     });
 
     let texts = listener.texts();
     let ready = texts.iter().position(|m| m.contains("READY=1")).unwrap();
-    let statuses: Vec<&str> = texts
-        .iter()
-        .flat_map(|m| m.lines())
-        .filter_map(|l| l.strip_prefix("STATUS="))
-        .collect();
+    let statuses = listener.statuses();
     assert_eq!(statuses[0], "reading instance metadata", "{texts:#?}");
     let order = [
         "reading instance metadata",
+        "joining ECS cluster l5d-demo",
         "finding the Consul servers",
         "rendering config files",
         "0/3 tasks healthy",
@@ -354,30 +292,31 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
         "READY once"
     );
 
-    // Freeze the engine: the loop's next reconcile (every 2 s) hangs in a Docker call
-    // (bounded at 10 s), and the watchdog pings stop while it hangs.
-    let frozen = Frozen::freeze(engine.dockerd_pid());
+    // Freeze the engine: the loop's next reconcile hangs in a Docker call (bounded at 10 s),
+    // and the pings stop while it hangs — 3 s without one, six intervals, where systemd
+    // (WatchdogSec=1) would have restarted the agent.
+    let frozen = Frozen::freeze(node.engine.dockerd_pid());
     wait_for(
-        Duration::from_secs(10),
-        "the loop to hang in a Docker call",
-        || agent.log().contains("withholding watchdog pings"),
+        Duration::from_secs(15),
+        "3 s without a watchdog ping",
+        || pings(&listener).last().unwrap().elapsed() >= Duration::from_secs(3),
     );
-    // The Docker call it hangs in is bounded at 10 s; pings stop well before that.
-    let from = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    let pings_while_stuck = listener
-        .messages()
-        .iter()
-        .filter(|(t, m)| *t >= from && m == "WATCHDOG=1\n")
-        .count();
-    assert_eq!(pings_while_stuck, 0, "{:#?}", listener.texts());
+    // Thawed: the loop turns again, regularly — the latest pings less than 1 s apart over 5 s,
+    // across two reconciles (frozen, no run of pings outlasts 2 s).
     drop(frozen);
     let thawed = Instant::now();
-    wait_for(Duration::from_secs(20), "pings to resume", || {
-        listener
-            .messages()
-            .iter()
-            .any(|(t, m)| *t >= thawed && m == "WATCHDOG=1\n")
+    wait_for(Duration::from_secs(30), "regular pings again", || {
+        let after: Vec<Instant> = pings(&listener)
+            .into_iter()
+            .filter(|t| *t >= thawed)
+            .collect();
+        let regular = after
+            .windows(2)
+            .rev()
+            .take_while(|w| w[1] - w[0] < Duration::from_secs(1))
+            .count();
+        regular > 0
+            && after[after.len() - 1] - after[after.len() - 1 - regular] >= Duration::from_secs(5)
     });
 
     assert!(agent.sigterm().success());
@@ -421,16 +360,18 @@ fn parse_entry(datagram: &[u8]) -> BTreeMap<String, String> {
 
 #[test]
 fn under_systemd_entries_go_to_the_journal_with_fields() {
-    let world = World::start(&[]);
-    let config = world.config("");
+    if !netns::enter("under_systemd_entries_go_to_the_journal_with_fields") {
+        return;
+    }
+    let node = Node::start(&[]);
     // A private /run holding systemd/journal/socket, mounted over /run for nodeagent alone
     // (a private mount namespace): tracing-journald sends to the real path.
-    let run = world.root.path().join("fake-run");
+    let run = node.world.root.path().join("fake-run");
     std::fs::create_dir_all(run.join("systemd/journal")).unwrap();
     // Read as entries arrive: a datagram socket's queue is short, and a full one blocks the
     // sender.
     let journal = Listener::bind(&run.join("systemd/journal/socket"));
-    let stderr_path = world.root.path().join("stderr");
+    let stderr_path = node.world.root.path().join("stderr");
     let stderr = std::fs::File::create(&stderr_path).unwrap();
     let meta = stderr.metadata().unwrap();
     let mut cmd = Command::new("unshare");
@@ -438,13 +379,12 @@ fn under_systemd_entries_go_to_the_journal_with_fields() {
         .arg(r#"mount --bind "$0" /run && exec "$@""#)
         .arg(&run)
         .arg(env!("CARGO_BIN_EXE_nodeagent"))
-        .args(["run", "--once", "--config"])
-        .arg(&config)
-        .arg("--root")
-        .arg(world.root.path())
+        .args(["run", "--once", "--root"])
+        .arg(node.world.root.path())
+        .env("DOCKER_HOST", &node.engine.socket)
         .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
         .stderr(stderr);
-    world.wire(&mut cmd);
+    node.world.wire(&mut cmd);
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -452,14 +392,21 @@ fn under_systemd_entries_go_to_the_journal_with_fields() {
         out.status,
         std::fs::read_to_string(&stderr_path).unwrap()
     );
-    std::thread::sleep(Duration::from_millis(200));
-    let entries: Vec<BTreeMap<String, String>> = journal
-        .datagrams()
-        .iter()
-        .filter(|d| !d.is_empty())
-        .map(|d| parse_entry(d))
-        .collect();
-    assert!(!entries.is_empty(), "nothing reached the journal socket");
+    let entries = || -> Vec<BTreeMap<String, String>> {
+        journal
+            .datagrams()
+            .iter()
+            .filter(|d| !d.is_empty())
+            .map(|d| parse_entry(d))
+            .collect()
+    };
+    // Its last word, sent before it exited; the reading thread may lag.
+    wait_for(Duration::from_secs(5), "the last entry read", || {
+        entries()
+            .iter()
+            .any(|e| e.get("MESSAGE").map(String::as_str) == Some("all tasks started"))
+    });
+    let entries = entries();
     let stderr_text = std::fs::read_to_string(&stderr_path).unwrap();
     assert!(
         !stderr_text.contains("INFO"),
@@ -487,18 +434,39 @@ fn under_systemd_entries_go_to_the_journal_with_fields() {
         })
         .unwrap_or_else(|| panic!("no `started` entry for linkerd: {entries:#?}"));
     assert_eq!(
-        started["INSTANCE_ID"], world.info.instance_id,
+        started["INSTANCE_ID"], node.world.info.instance_id,
         "{started:?}"
     );
     assert_eq!(started["NODEAGENT_PHASE"], "supervise", "{started:?}");
     let found = find("MESSAGE", "found the Consul servers");
     assert_eq!(found["NODEAGENT_PHASE"], "discover", "{found:?}");
-    assert_eq!(found["INSTANCE_ID"], world.info.instance_id);
+    assert_eq!(found["INSTANCE_ID"], node.world.info.instance_id);
     let joined = find("NODEAGENT_PHASE", "join");
     assert!(
         joined["MESSAGE"].contains("joined the ECS cluster"),
         "{joined:?}"
     );
+}
+
+/// `nodeagent status --root ROOT ARGS...` of a world's agent: exit code, stdout, stderr.
+fn world_status(world: &World, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_nodeagent"))
+        .arg("status")
+        .arg("--root")
+        .arg(world.root.path())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn world_status_json(world: &World) -> Option<serde_json::Value> {
+    let (code, out, _) = world_status(world, &["--json"]);
+    (code == 0 || code == 1).then(|| serde_json::from_str(&out).expect("status --json is JSON"))
 }
 
 #[test]
@@ -516,7 +484,7 @@ fn a_boot_waiting_on_the_ecs_agent_says_so_extends_and_stops_cleanly_on_sigterm(
             .iter()
             .any(|m| m.contains("STATUS=waiting for the ECS agent (2 s)"))
     });
-    let s = status_json(&world).expect("the agent answers while it boots");
+    let s = world_status_json(&world).expect("the agent answers while it boots");
     assert_eq!(s["phase"], "discover");
     assert!(
         s["phase_detail"]
@@ -525,7 +493,7 @@ fn a_boot_waiting_on_the_ecs_agent_says_so_extends_and_stops_cleanly_on_sigterm(
             .starts_with("waiting for the ECS agent ("),
         "{s}"
     );
-    let (code, table, _) = status(&world, &[]);
+    let (code, table, _) = world_status(&world, &[]);
     assert_eq!(code, 1, "booting is not healthy: {table}");
     let texts = listener.texts();
     let waits: Vec<&String> = texts.iter().filter(|m| m.contains("waiting for")).collect();

@@ -1,7 +1,5 @@
-//! A long-running nodeagent for supervision tests and benchmarks, and the busybox stand-ins
-//! for the three foundational tasks.
+//! A long-running nodeagent for tests and benchmarks, its log in a file.
 
-use super::docker::{Engine, IMAGE};
 use super::World;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -13,10 +11,6 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn start(world: &World, engine: &Engine, config: &std::path::Path, name: &str) -> Agent {
-        Agent::start_with_docker(world, &engine.socket, config, name)
-    }
-
     pub fn start_with_docker(
         world: &World,
         docker: &str,
@@ -93,61 +87,4 @@ impl Drop for Agent {
     fn drop(&mut self) {
         self.sigkill();
     }
-}
-
-pub struct Ports {
-    pub consul: u16,
-    pub linkerd: u16,
-}
-
-/// The three tasks as busybox stand-ins: two HTTP servers and a sleeper; `consul_check` is
-/// consul-agent's health check line, `supervision` more `[supervision]` keys.
-pub fn docker_config(
-    world: &World,
-    ports: &Ports,
-    registrator_command: &str,
-    consul_check: &str,
-    supervision: &str,
-) -> PathBuf {
-    let path = world.root.path().join("docker.toml");
-    let text = format!(
-        r#"runtime = "docker"
-[ecs]
-join = false
-[supervision]
-backoff_initial = "200ms"
-backoff_max = "2s"
-reconcile_interval = "2s"
-stop_grace = "1s"
-{supervision}
-[tasks.consul-agent.container]
-image = "{IMAGE}"
-command = ["httpd", "-f", "-p", "127.0.0.1:{c}", "-h", "/var/www"]
-mounts = []
-memory_mb = 32
-[tasks.consul-agent.health]
-{consul_check}
-interval = "500ms"
-[tasks.consul-registrator.container]
-image = "{IMAGE}"
-entrypoint = []
-command = {registrator_command}
-mounts = []
-[tasks.linkerd.container]
-image = "{IMAGE}"
-command = ["httpd", "-f", "-p", "127.0.0.1:{l}", "-h", "/var/www"]
-mounts = []
-[tasks.linkerd.health]
-http = "http://127.0.0.1:{l}/"
-interval = "500ms"
-"#,
-        c = ports.consul,
-        l = ports.linkerd,
-    );
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-pub fn consul_http(p: &Ports) -> String {
-    format!("http = \"http://127.0.0.1:{}/\"", p.consul)
 }

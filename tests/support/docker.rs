@@ -172,6 +172,63 @@ impl Engine {
         )
     }
 
+    /// The engine's own record of container events from `since` (a [`stamp`] taken before the
+    /// action) until now, `filters` as `docker events --filter` takes them: (the container's
+    /// `io.nodeagent.task` label, the action, its exit code for a `die`, epoch seconds on the
+    /// engine's clock), in order.
+    pub fn events(&self, since: &str, filters: &[&str]) -> Vec<Event> {
+        let mut args = vec![
+            "events".to_string(),
+            "--since".to_string(),
+            since.to_string(),
+            "--until".to_string(),
+            stamp(),
+            "--filter".to_string(),
+            "type=container".to_string(),
+        ];
+        for f in filters {
+            args.extend(["--filter".to_string(), f.to_string()]);
+        }
+        args.extend([
+            "--format".to_string(),
+            "{{index .Actor.Attributes \"io.nodeagent.task\"}} {{.Action}} \
+             {{index .Actor.Attributes \"exitCode\"}} {{.TimeNano}}"
+                .to_string(),
+        ]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.cli(&args)
+            .lines()
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                assert_eq!(f.len(), 4, "an event line: {l:?}");
+                Event {
+                    task: f[0].to_string(),
+                    action: f[1].to_string(),
+                    exit_code: f[2].parse().ok(),
+                    at: f[3].parse::<f64>().unwrap() / 1e9,
+                }
+            })
+            .collect()
+    }
+
+    /// Follows what container `id` writes (`docker logs --follow --timestamps`) from its first
+    /// line until it ends, into `path` — what a container wrote before it was removed.
+    pub fn follow_logs(&self, id: &str, path: &Path) -> Follow {
+        let out = std::fs::File::create(path).unwrap();
+        let child = Command::new("docker")
+            .arg("-H")
+            .arg(&self.socket)
+            .args(["logs", "--follow", "--timestamps", id])
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("run the docker CLI");
+        Follow {
+            child,
+            path: path.to_path_buf(),
+        }
+    }
+
     /// The docker CLI pointed at this engine.
     pub fn cli(&self, args: &[&str]) -> String {
         let out = Command::new("docker")
@@ -191,6 +248,58 @@ impl Drop for Engine {
         if stopped.is_err() {
             eprintln!("warning: could not stop the engine in {dir}");
         }
+    }
+}
+
+/// A container event from the engine's record ([`Engine::events`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// The container's `io.nodeagent.task` label (empty without one).
+    pub task: String,
+    pub action: String,
+    pub exit_code: Option<i64>,
+    /// Epoch seconds, on the engine's clock.
+    pub at: f64,
+}
+
+/// Now, as `docker events --since/--until` take it (epoch seconds and nanoseconds).
+pub fn stamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{}.{:09}", now.as_secs(), now.subsec_nanos())
+}
+
+/// A container's output followed until it ends ([`Engine::follow_logs`]).
+pub struct Follow {
+    child: std::process::Child,
+    path: PathBuf,
+}
+
+impl Follow {
+    /// Once the container has ended (within `limit`): every line it wrote with the engine's
+    /// time of it, epoch seconds.
+    pub fn lines(mut self, limit: std::time::Duration) -> Vec<(f64, String)> {
+        super::wait_for(limit, "the followed container to end", || {
+            self.child.try_wait().unwrap().is_some()
+        });
+        std::fs::read_to_string(&self.path)
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let (at, line) = l.split_once(' ')?;
+                let at = humantime::parse_rfc3339(at).ok()?;
+                let at = at.duration_since(std::time::UNIX_EPOCH).unwrap();
+                Some((at.as_secs_f64(), line.to_string()))
+            })
+            .collect()
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -309,24 +309,29 @@ pub fn transcript(out: &Output) -> String {
     )
 }
 
-/// Polls `cond` every 50 ms for up to `limit`; panics naming `what` when it never holds.
-pub fn wait_for(limit: Duration, what: &str, cond: impl FnMut() -> bool) {
-    assert!(
-        eventually(limit, cond),
-        "timed out after {limit:?} waiting for {what}"
-    );
-}
-
-/// Polls `cond` every 50 ms for up to `limit`.
-pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+/// The one way tests wait: polls `cond` every 50 ms for up to `limit`; panics naming `what`
+/// when it never holds.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    cond()
+}
+
+/// [`wait_for`] in an async test: `cond` is awaited every 100 ms for up to `limit`.
+pub async fn wait_for_async(limit: Duration, what: &str, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Every file under `root`, as paths relative to it, sorted.

@@ -9,26 +9,34 @@ use std::process::Command;
 /// Set in the child: the test is already in its own namespace.
 const INSIDE: &str = "NODEAGENT_TEST_NETNS";
 
+/// This program again, in a network namespace of its own with its loopback up.
+fn again(name: &str) -> Command {
+    let mut cmd = Command::new("unshare");
+    cmd.args([
+        "--net",
+        "--",
+        "sh",
+        "-c",
+        "ip link set lo up && exec \"$@\"",
+        "sh",
+    ])
+    .arg(std::env::current_exe().expect("this program"))
+    .env(INSIDE, name);
+    cmd
+}
+
+const NEEDS: &str = "run unshare (util-linux): these tests need network namespaces (root)";
+
 /// Call first in a test, with the test's name: `false` in the test as cargo started it (the
 /// test has then run, and passed, in its own namespace: return), `true` inside (go on).
 pub fn enter(test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
         return true;
     }
-    let out = Command::new("unshare")
-        .args([
-            "--net",
-            "--",
-            "sh",
-            "-c",
-            "ip link set lo up && exec \"$@\"",
-            "sh",
-        ])
-        .arg(std::env::current_exe().expect("the test binary"))
+    let out = again(test)
         .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(INSIDE, test)
         .output()
-        .expect("run unshare (util-linux): these tests need network namespaces (root)");
+        .expect(NEEDS);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -38,5 +46,22 @@ pub fn enter(test: &str) -> bool {
     );
     // Shown with --nocapture, and for a failure elsewhere in the test.
     println!("{stdout}");
+    false
+}
+
+/// [`enter`] for a whole program (a benchmark): it runs again with the same arguments in its
+/// own namespace, its output passed through. `false` outside (it has run: exit), `true` inside.
+pub fn enter_program() -> bool {
+    if std::env::var_os(INSIDE).is_some() {
+        return true;
+    }
+    let status = again("program")
+        .args(std::env::args_os().skip(1))
+        .status()
+        .expect(NEEDS);
+    assert!(
+        status.success(),
+        "run in its own network namespace, it failed ({status})"
+    );
     false
 }
