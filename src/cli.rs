@@ -276,6 +276,9 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
     if let Some(why) = note {
         println!("# Not on an EC2 instance, or its metadata is unreachable: user-data and tags not read ({why}).");
     }
+    for i in &loaded.ignored {
+        println!("# ignored: {} ({}): {}", i.key, i.layer, i.why);
+    }
     let mut leaves = Vec::new();
     flatten(&loaded.merged, "", &mut leaves);
     for (key, value) in leaves {

@@ -20,6 +20,11 @@ pub struct EcsTask {
     pub arn: String,
     /// Task-definition family, from the task-definition ARN.
     pub family: String,
+    /// Task-definition revision, from the task-definition ARN.
+    pub revision: Option<u32>,
+    /// It was started with overrides (a command, an environment, a role…): nodeagent makes
+    /// none, so such a task is not one nodeagent started.
+    pub overridden: bool,
     pub started_by: Option<String>,
     pub last_status: String,
     pub desired_status: String,
@@ -124,15 +129,28 @@ impl SdkEcs {
 }
 
 fn task_from(t: &aws_sdk_ecs::types::Task) -> EcsTask {
-    let family = t
+    let name_rev = t
         .task_definition_arn()
         .and_then(|arn| arn.rsplit('/').next())
-        .and_then(|name_rev| name_rev.split(':').next())
-        .unwrap_or_default()
-        .to_string();
+        .unwrap_or_default();
+    let (family, revision) = match name_rev.split_once(':') {
+        Some((f, r)) => (f.to_string(), r.parse().ok()),
+        None => (name_rev.to_string(), None),
+    };
+    let overridden = t.overrides().is_some_and(|o| {
+        o.task_role_arn().is_some()
+            || o.execution_role_arn().is_some()
+            || o.container_overrides().iter().any(|c| {
+                !c.command().is_empty()
+                    || !c.environment().is_empty()
+                    || !c.environment_files().is_empty()
+            })
+    });
     EcsTask {
         arn: t.task_arn().unwrap_or_default().to_string(),
         family,
+        revision,
+        overridden,
         started_by: t.started_by().map(str::to_string),
         last_status: t.last_status().unwrap_or_default().to_string(),
         desired_status: t.desired_status().unwrap_or_default().to_string(),

@@ -360,15 +360,15 @@ mod tests {
             "test",
             format!(
                 "[consul]\ndatacenter = {dc}\n[vars]\nv = {dc}\n\
-                 [tasks.linkerd.files.\"/x/out.sh\"]\ntemplate = \"/t/sh\"\nmode = \"0755\"\n\
-                 [tasks.linkerd.files.\"/x/out.yml\"]\ntemplate = \"/t/yml\"\nmode = \"0644\"\n",
+                 [tasks.linkerd.files.\"/opt/x/out.sh\"]\ntemplate = \"/etc/nodeagent/t/sh\"\nmode = \"0755\"\n\
+                 [tasks.linkerd.files.\"/opt/x/out.yml\"]\ntemplate = \"/etc/nodeagent/t/yml\"\nmode = \"0644\"\n",
                 dc = toml_str(hostile)
             ),
         )])
         .unwrap();
         let read = |p: &str| -> anyhow::Result<String> {
             Ok(match p {
-                "/t/sh" => "#!/bin/sh\nprintf '%s' {{ vars.v }}\n".into(),
+                "/etc/nodeagent/t/sh" => "#!/bin/sh\nprintf '%s' {{ vars.v }}\n".into(),
                 _ => "v: {{ vars.v }}\nlist: {{ consul.servers }}\n".into(),
             })
         };
@@ -376,7 +376,8 @@ mod tests {
         let consul: serde_json::Value =
             serde_json::from_str(&files["/opt/consul/config/consul-agent.json"].contents).unwrap();
         assert_eq!(consul["datacenter"], hostile);
-        let yaml: serde_yaml::Value = serde_yaml::from_str(&files["/x/out.yml"].contents).unwrap();
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str(&files["/opt/x/out.yml"].contents).unwrap();
         assert_eq!(yaml["v"].as_str(), Some(hostile));
         let linkerd: serde_yaml::Value =
             serde_yaml::from_str(&files["/etc/linkerd/linkerd.yaml"].contents).unwrap();
@@ -384,7 +385,7 @@ mod tests {
             linkerd["routers"][0]["dtab"].as_str().unwrap(),
             format!("/svc => /#/io.l5d.consul/{hostile};\n")
         );
-        let sh = &files["/x/out.sh"].contents;
+        let sh = &files["/opt/x/out.sh"].contents;
         let words = shlex::split(sh.strip_prefix("#!/bin/sh\n").unwrap()).unwrap();
         assert_eq!(words, vec!["printf", "%s", hostile]);
     }
@@ -393,7 +394,7 @@ mod tests {
     fn undefined_variables_are_errors() {
         let settings = from_fragments(&[Fragment::file(
             "test",
-            "[tasks.linkerd.files.\"/x/a.json\"]\ntemplate = \"/t\"\nmode = \"0644\"\n",
+            "[tasks.linkerd.files.\"/opt/x/a.json\"]\ntemplate = \"/etc/nodeagent/t\"\nmode = \"0644\"\n",
         )])
         .unwrap();
         let facts = facts();
@@ -415,6 +416,6 @@ mod tests {
             .unwrap()
             .render(&ctx)
             .unwrap_err();
-        assert!(format!("{err:#}").contains("/x/a.json"), "{err:#}");
+        assert!(format!("{err:#}").contains("/opt/x/a.json"), "{err:#}");
     }
 }

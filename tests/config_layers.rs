@@ -38,6 +38,8 @@ fn layered_world(imds_tags: bool) -> (World, std::path::PathBuf, tempfile::TempD
         "--node-tag",
         "nodeagent:consul.datacenter=dc-tag",
         "--node-tag",
+        "nodeagent:lifecycle.drain_on_rebalance=true",
+        "--node-tag",
         "nodeagent:supervision.crash_loop_restarts=9",
         "--node-tag",
         "nodeagent:ecs.config.ECS_ENABLE_TASK_IAM_ROLE=true",
@@ -79,6 +81,20 @@ fn show(world: &World, config: &Path) -> BTreeMap<String, (String, String)> {
     assert!(out.status.success(), "{}", transcript(&out));
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(!text.contains("c2VjcmV0"), "a secret was printed: {text}");
+    // What a tag may not set is shown as ignored, by key and why, never by value.
+    let tagged = text.contains("nodeagent:vars.layer");
+    for key in [
+        "ecs.config.ECS_ENABLE_TASK_IAM_ROLE",
+        "supervision.crash_loop_restarts",
+    ] {
+        assert!(
+            !tagged
+                || text.contains(&format!(
+                    "# ignored: {key} (instance tag nodeagent:{key}): instance tags may not set it"
+                )),
+            "{text}"
+        );
+    }
     // What it prints is TOML: comments aside, it parses.
     toml::from_str::<toml::Table>(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
     text.lines()
@@ -115,12 +131,17 @@ fn check_layers(world: &World, config: &Path) {
     assert_eq!(get("runtime"), ("\"ecs\"", "built-in defaults"));
     assert_eq!(get("supervision.log_lines"), ("7", "EC2 user-data"));
     assert_eq!(
-        get("supervision.crash_loop_restarts"),
+        get("lifecycle.drain_on_rebalance"),
         (
-            "9",
-            "instance tag nodeagent:supervision.crash_loop_restarts"
+            "true",
+            "instance tag nodeagent:lifecycle.drain_on_rebalance"
         ),
         "a tag's text becomes the type below it"
+    );
+    assert_eq!(
+        get("supervision.crash_loop_restarts"),
+        ("5", "built-in defaults"),
+        "a tag may not change how tasks are supervised"
     );
     assert_eq!(
         get("consul.datacenter"),
@@ -143,9 +164,8 @@ fn check_layers(world: &World, config: &Path) {
     assert_eq!(consul["datacenter"], "dc-tag");
     let ecs_config = world.read("/etc/ecs/ecs.config");
     assert!(
-        ecs_config.contains("\nECS_ENABLE_TASK_IAM_ROLE=true\n")
-            || ecs_config.starts_with("ECS_ENABLE_TASK_IAM_ROLE=true\n"),
-        "{ecs_config}"
+        !ecs_config.contains("ECS_ENABLE_TASK_IAM_ROLE"),
+        "a tag may not write ecs.config: {ecs_config}"
     );
 }
 

@@ -406,7 +406,8 @@ async fn a_spot_interruption_drains_and_an_app_task_that_never_stops_only_costs_
     let _app = start_app_task(&world).await; // never stops
 
     // Two minutes from now, as AWS gives them: the 3 s tasks timeout is the tighter bound.
-    let at = humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(120));
+    let at =
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now() + Duration::from_secs(120));
     let notice = serde_json::json!({"action": "terminate", "time": at.to_string()}).to_string();
     set_imds(&world, serde_json::json!({"spot/instance-action": notice})).await;
     let asked = std::time::Instant::now();

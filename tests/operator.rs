@@ -163,7 +163,7 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
     assert_eq!(second.child.wait().unwrap().code(), Some(1));
     let said = second.log();
     assert!(
-        said.contains("nodeagent: error: another nodeagent holds"),
+        said.contains("nodeagent: error: another nodeagent runs on this node"),
         "its error: {said}"
     );
     let now = node.status().expect("the first agent still answers");

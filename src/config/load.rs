@@ -2,9 +2,11 @@
 //!
 //! Each fragment is type-checked alone so an error can name its file, line and column; then the
 //! fragments are merged over the built-in defaults (tables merge key by key, any other value
-//! replaces the one below it) and the result is validated as a whole.
+//! replaces the one below it) and the result is validated as a whole. What a layer may not set
+//! ([`super::trust`]) is left out, and noted.
 
 use super::tags::{tag_table, TAG_PREFIX};
+use super::trust::{refusal, Ignored, Layer};
 use super::Settings;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -21,6 +23,8 @@ pub struct Fragment {
     /// The settings are the document's `[nodeagent]` table, not the whole document (EC2
     /// user-data, which other tools may share).
     pub in_nodeagent_table: bool,
+    /// How far it is trusted.
+    pub layer: Layer,
 }
 
 impl Fragment {
@@ -30,6 +34,7 @@ impl Fragment {
             origin: origin.into(),
             text: text.into(),
             in_nodeagent_table: false,
+            layer: Layer::File,
         }
     }
 
@@ -57,6 +62,7 @@ impl Fragment {
             origin: "EC2 user-data".into(),
             text: text.into(),
             in_nodeagent_table: true,
+            layer: Layer::UserData,
         })
     }
 }
@@ -68,6 +74,8 @@ pub struct Loaded {
     pub settings: Settings,
     pub merged: Table,
     pub origins: BTreeMap<String, String>,
+    /// What a layer set and was not taken (not its to set, or not a valid value).
+    pub ignored: Vec<Ignored>,
 }
 
 /// A configuration that cannot be used. Exit status 2.
@@ -126,40 +134,125 @@ pub fn from_fragments(fragments: &[Fragment]) -> Result<Settings, ConfigError> {
 }
 
 /// The whole pipeline: built-in defaults, then `fragments` in order, then EC2 instance tags
-/// (`KEY` of a `nodeagent:KEY` tag, a dotted path such as `consul.datacenter`), later winning;
-/// then the merged result is validated.
+/// (`KEY` of a `nodeagent:KEY` tag, a dotted path such as `consul.datacenter`), later winning.
+/// What user-data may not set is left out; the trusted layers must make a valid configuration
+/// (else an error: exit 2); then each tag is taken only if tags may set its key and the result
+/// stays valid — else it is left out, and the layer below wins: a tag never stops the boot.
 pub fn from_layers(
     fragments: &[Fragment],
     tags: &[(String, String)],
 ) -> Result<Loaded, ConfigError> {
-    let defaults = Fragment::file("built-in defaults", DEFAULTS);
+    let defaults = Fragment {
+        layer: Layer::Defaults,
+        ..Fragment::file("built-in defaults", DEFAULTS)
+    };
     let mut merged = Table::new();
     let mut origins = BTreeMap::new();
+    let mut ignored = Vec::new();
     for fragment in std::iter::once(&defaults).chain(fragments) {
-        let table = parse(fragment)?;
+        let mut table = parse(fragment)?;
+        if fragment.layer == Layer::UserData {
+            let locked = locked(&merged);
+            let refused = |key: &str| refusal(Layer::UserData, key, &locked);
+            strip(&mut table, "", &refused, &fragment.origin, &mut ignored);
+        }
         merge(&mut merged, table, &fragment.origin, "", &mut origins);
     }
+    let mut settings = settings(&merged)?;
     let mut tags: Vec<&(String, String)> = tags.iter().collect();
     tags.sort();
     for (key, value) in tags {
-        let origin = format!("instance tag {TAG_PREFIX}{key}");
-        let table = tag_table(key, value, &merged).map_err(|message| ConfigError::Syntax {
-            origin: origin.clone(),
-            line: 1,
-            column: 1,
-            message,
-        })?;
-        merge(&mut merged, table, &origin, "", &mut origins);
+        let layer = format!("instance tag {TAG_PREFIX}{key}");
+        let ignore = |why: String| Ignored {
+            key: key.clone(),
+            layer: layer.clone(),
+            why,
+        };
+        if let Some(why) = refusal(Layer::Tag, key, &[]) {
+            ignored.push(ignore(why));
+            continue;
+        }
+        let table = match tag_table(key, value, &merged) {
+            Ok(table) => table,
+            Err(why) => {
+                ignored.push(ignore(why));
+                continue;
+            }
+        };
+        let (mut candidate, mut candidate_origins) = (merged.clone(), origins.clone());
+        merge(&mut candidate, table, &layer, "", &mut candidate_origins);
+        match super::Settings::validated(&candidate) {
+            Ok(s) => {
+                (merged, origins, settings) = (candidate, candidate_origins, s);
+            }
+            // The problem would quote the value, which a tag may hold a secret in.
+            Err(_) => ignored.push(ignore(
+                "the value is not valid for this key; the layers below are kept".into(),
+            )),
+        }
     }
-    let settings: Settings = toml::Value::Table(merged.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| ConfigError::Invalid(vec![e.message().to_string()]))?;
-    settings.validate().map_err(ConfigError::Invalid)?;
     Ok(Loaded {
         settings,
         merged,
         origins,
+        ignored,
     })
+}
+
+/// The merged table as validated settings.
+fn settings(merged: &Table) -> Result<Settings, ConfigError> {
+    Settings::validated(merged).map_err(ConfigError::Invalid)
+}
+
+impl Settings {
+    /// Deserializes and validates a merged table; the problems, one per entry.
+    fn validated(merged: &Table) -> Result<Settings, Vec<String>> {
+        let settings: Settings = toml::Value::Table(merged.clone())
+            .try_into()
+            .map_err(|e: toml::de::Error| vec![e.message().to_string()])?;
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+/// `trust.locked` as the layers so far set it.
+fn locked(merged: &Table) -> Vec<String> {
+    merged
+        .get("trust")
+        .and_then(|t| t.get("locked"))
+        .and_then(toml::Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Removes from `table` every leaf `refused` says no to, noting each in `ignored`.
+fn strip(
+    table: &mut Table,
+    prefix: &str,
+    refused: &dyn Fn(&str) -> Option<String>,
+    origin: &str,
+    ignored: &mut Vec<Ignored>,
+) {
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let path = format!("{prefix}{}", dotted_key(&key));
+        if let Some(toml::Value::Table(inner)) = table.get_mut(&key) {
+            strip(inner, &format!("{path}."), refused, origin, ignored);
+            continue;
+        }
+        if let Some(why) = refused(&path) {
+            table.remove(&key);
+            ignored.push(Ignored {
+                key: path,
+                layer: origin.to_string(),
+                why,
+            });
+        }
+    }
 }
 
 /// Parses one fragment, checking its types and keys against [`Settings`].
@@ -265,6 +358,7 @@ fn line_column(text: &str, offset: usize) -> (usize, usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn frag(text: &str) -> Fragment {
         Fragment::file("/etc/nodeagent/nodeagent.toml", text)
@@ -317,11 +411,11 @@ mod tests {
 
     #[test]
     fn every_layer_wins_over_the_ones_below_and_is_named() {
-        let user_data = "# shared\n[other]\nx = 1\n[nodeagent]\ncluster = \"from-user-data\"\n[nodeagent.consul]\ndatacenter = \"ud\"\n";
+        let user_data = "# shared\n[other]\nx = 1\n[nodeagent]\ncluster = \"from-user-data\"\n[nodeagent.consul]\ndatacenter = \"ud\"\n[nodeagent.tasks.linkerd.container]\nimage = \"evil:1\"\n[nodeagent.trust]\nmounts = [\"/\"]\n";
         let layers = [
             Fragment::file(
                 "/etc/nodeagent/nodeagent.toml",
-                "cluster = \"from-file\"\n[supervision]\nlog_lines = 5\n[vars]\na = \"file\"\n",
+                "cluster = \"from-file\"\n[supervision]\nlog_lines = 5\n[vars]\na = \"file\"\n[trust]\nlocked = [\"tasks.*.container\"]\n",
             ),
             Fragment::file(
                 "/etc/nodeagent/conf.d/10-a.toml",
@@ -330,41 +424,34 @@ mod tests {
             Fragment::user_data(user_data).expect("a [nodeagent] document"),
         ];
         let tags = [
-            ("consul.datacenter".to_string(), "dc-tag".to_string()),
-            ("ecs.join".to_string(), "true".to_string()),
-            ("vars.port".to_string(), "4140".to_string()),
-            (
-                "ecs.config.ECS_ENABLE_TASK_IAM_ROLE".to_string(),
-                "true".to_string(),
-            ),
-            (
-                "ecs.config.ECS_RESERVED_MEMORY".to_string(),
-                "256".to_string(),
-            ),
-            (
-                "tasks.linkerd.container.env.PORT".to_string(),
-                "4140".to_string(),
-            ),
-            (
-                "supervision.crash_loop_restarts".to_string(),
-                "9".to_string(),
-            ),
-        ];
+            ("consul.datacenter", "dc-tag"),
+            ("vars.port", "4140"),
+            ("supervision.ready_timeout", "90s"),
+            // What a tag may never set, whatever it is.
+            ("ecs.join", "false"),
+            ("ecs.config.ECS_ENABLE_TASK_IAM_ROLE", "true"),
+            ("tasks.linkerd.container.env.PORT", "4140"),
+            ("tasks.linkerd.container.command", "[\"sh\"]"),
+            ("supervision.crash_loop_restarts", "9"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
         let loaded = from_layers(&layers, &tags).unwrap();
         let s = &loaded.settings;
         assert_eq!(s.cluster, "from-user-data");
         assert_eq!(s.consul.datacenter, "dc-tag");
         assert_eq!(s.supervision.log_lines, 5);
+        assert_eq!(s.supervision.ready_timeout, Duration::from_secs(90));
         assert_eq!(s.vars["a"].as_str(), Some("conf.d"));
         assert_eq!(s.vars["port"].as_integer(), Some(4140));
-        assert!(s.ecs.join);
+        assert!(s.ecs.join, "a tag cannot turn off joining");
+        assert!(s.ecs.config.is_empty());
+        assert!(!s.tasks["linkerd"].container.env.contains_key("PORT"));
         assert_eq!(
-            s.ecs.config["ECS_ENABLE_TASK_IAM_ROLE"], "true",
-            "a string map"
+            s.tasks["linkerd"].container.image, "docker.io/buoyantio/linkerd:1.4.6",
+            "locked for user-data"
         );
-        assert_eq!(s.ecs.config["ECS_RESERVED_MEMORY"], "256");
-        assert_eq!(s.tasks["linkerd"].container.env["PORT"], "4140");
-        assert_eq!(s.supervision.crash_loop_restarts, 9);
+        assert!(s.trust.mounts.is_empty(), "trust is the files' alone");
+        assert_eq!(s.supervision.crash_loop_restarts, 5);
         let o = |k: &str| loaded.origins[k].as_str();
         assert_eq!(o("cluster"), "EC2 user-data");
         assert_eq!(
@@ -377,6 +464,35 @@ mod tests {
         assert_eq!(
             o("tasks.consul-agent.files.\"/opt/consul/config/consul-agent.json\".template"),
             "built-in defaults"
+        );
+        let ignored: Vec<(&str, &str)> = loaded
+            .ignored
+            .iter()
+            .map(|i| (i.key.as_str(), i.layer.as_str()))
+            .collect();
+        assert_eq!(
+            ignored,
+            [
+                ("tasks.linkerd.container.image", "EC2 user-data"),
+                ("trust.mounts", "EC2 user-data"),
+                (
+                    "ecs.config.ECS_ENABLE_TASK_IAM_ROLE",
+                    "instance tag nodeagent:ecs.config.ECS_ENABLE_TASK_IAM_ROLE"
+                ),
+                ("ecs.join", "instance tag nodeagent:ecs.join"),
+                (
+                    "supervision.crash_loop_restarts",
+                    "instance tag nodeagent:supervision.crash_loop_restarts"
+                ),
+                (
+                    "tasks.linkerd.container.command",
+                    "instance tag nodeagent:tasks.linkerd.container.command"
+                ),
+                (
+                    "tasks.linkerd.container.env.PORT",
+                    "instance tag nodeagent:tasks.linkerd.container.env.PORT"
+                ),
+            ]
         );
     }
 
@@ -397,29 +513,46 @@ mod tests {
     }
 
     #[test]
-    fn broken_user_data_and_tags_are_located() {
+    fn broken_user_data_is_an_error_and_broken_tags_are_ignored() {
         let ud = Fragment::user_data("[nodeagent]\ncluster = \"a\"\nclustre = \"b\"\n").unwrap();
         let err = from_layers(&[ud], &[]).unwrap_err().to_string();
         assert!(
             err.starts_with("EC2 user-data:3:1: unknown field `clustre`"),
             "{err}"
         );
-        let err = from_layers(&[], &[("ecs.agent_timeout".into(), "s3cret".into())])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("instance tag nodeagent:ecs.agent_timeout:1:1: ecs.agent_timeout: the value is not valid here"),
-            "{err}"
+        // A tag never stops the boot: whatever is wrong with it, the layer below wins.
+        let tags = [
+            ("lifecycle.drain_tasks_timeout", "s3cret"), // a wrong type
+            ("cluster", "bad name"),                     // a value validation refuses
+            ("consul.datacentre", "x"),                  // no such key
+            ("consul..x", "1"),                          // not a key
+            ("ecs.agent_timeout", "5m"),                 // not a tag's to set
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let loaded = from_layers(&[], &tags).unwrap();
+        assert_eq!(loaded.settings.cluster, "l5d-demo");
+        assert_eq!(
+            loaded.settings.lifecycle.drain_tasks_timeout,
+            Duration::from_secs(300)
         );
-        assert!(!err.contains("s3cret"), "the value is not repeated: {err}");
-        let err = from_layers(&[], &[("consul.datacentre".into(), "x".into())])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("unknown field `datacentre`"), "{err}");
-        let err = from_layers(&[], &[("consul..x".into(), "1".into())])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("not a dotted key"), "{err}");
+        let ignored: Vec<&str> = loaded.ignored.iter().map(|i| i.key.as_str()).collect();
+        assert_eq!(
+            ignored,
+            [
+                "cluster",
+                "consul..x",
+                "consul.datacentre",
+                "ecs.agent_timeout",
+                "lifecycle.drain_tasks_timeout"
+            ]
+        );
+        for i in &loaded.ignored {
+            assert!(i.layer.starts_with("instance tag nodeagent:"), "{i:?}");
+            assert!(
+                !i.why.contains("s3cret") && !i.why.contains("bad name"),
+                "the value is never repeated: {i:?}"
+            );
+        }
     }
 
     /// The README's configuration block is the reference: it must be the defaults, exactly.

@@ -8,6 +8,7 @@
 pub mod layers;
 mod load;
 mod tags;
+pub mod trust;
 mod types;
 mod validate;
 mod values;

@@ -25,6 +25,8 @@ pub struct Settings {
     pub status: Status,
     pub metrics: Metrics,
     pub lifecycle: Lifecycle,
+    /// What the image owner allows: the only section no layer but the files may set.
+    pub trust: Trust,
     /// Free-form values made available to templates as `vars.*`.
     pub vars: BTreeMap<String, toml::Value>,
     /// The node's foundational tasks, keyed by name so layers merge per task.
@@ -48,6 +50,21 @@ impl RuntimeKind {
             RuntimeKind::Docker => "docker",
         }
     }
+}
+
+/// The image owner's limits on the other layers and on paths ([`super::trust`]): set only in
+/// /etc/nodeagent (root's files).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Trust {
+    /// Keys user-data may not set: dotted prefixes, `*` for any one segment
+    /// (`tasks.*.container`).
+    pub locked: Vec<String>,
+    /// Where configured paths may be — rendered files, task directories, templates,
+    /// ecs.config — and what containers may mount: these directories (or files) and below.
+    pub paths: Vec<String>,
+    /// Host paths containers may mount besides `paths` and the Docker socket.
+    pub mounts: Vec<String>,
 }
 
 /// How tasks are kept running.

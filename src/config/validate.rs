@@ -2,6 +2,7 @@
 //! systemd accept, paths that are absolute and a task's own, dependencies without cycles,
 //! values that cannot smuggle lines into ecs.config — every problem reported, one per line.
 
+use super::trust::under;
 use super::types::*;
 use super::BUILTIN_PREFIX;
 
@@ -30,9 +31,10 @@ impl Settings {
         if self.consul.datacenter.is_empty() {
             problems.push("consul.datacenter is empty".into());
         }
-        if !self.ecs.config_path.starts_with('/') {
+        problems.extend(self.check_trust());
+        if let Err(why) = self.confined(&self.ecs.config_path, &[]) {
             problems.push(format!(
-                "ecs.config_path = {:?} must be an absolute path",
+                "ecs.config_path = {:?} {why}",
                 self.ecs.config_path
             ));
         }
@@ -47,9 +49,9 @@ impl Settings {
                     .into(),
             );
         }
-        if !self.status.socket.starts_with('/') || self.status.socket.ends_with('/') {
+        if let Err(why) = self.confined(&self.status.socket, &[SOCKET_DIR]) {
             problems.push(format!(
-                "status.socket = {:?} must be an absolute file path",
+                "status.socket = {:?} must be an absolute file path: it {why}",
                 self.status.socket
             ));
         }
@@ -119,23 +121,27 @@ impl Settings {
                 }
             }
             for dir in &task.dirs {
-                if let Err(why) = check_state_dir(dir) {
+                if let Err(why) = check_state_dir(dir).and_then(|()| self.confined(dir, &[])) {
                     problems.push(format!("tasks.{name}.dirs: {dir:?} {why}"));
                 }
             }
             if self.runtime == RuntimeKind::Docker {
                 problems.extend(check_container(name, &task.container));
+                problems.extend(self.check_mounts(name, &task.container));
             }
             if let Some(health) = &task.health {
                 problems.extend(check_health(name, health));
             }
             for (path, file) in &task.files {
                 let at = format!("tasks.{name}.files.{path:?}");
-                let normal = !path.split('/').any(|p| p == "." || p == "..");
-                if !path.starts_with('/') || path.ends_with('/') || !normal {
+                if !normal_path(path) || path.ends_with('/') {
                     problems.push(format!(
                         "{at}: the key must be an absolute file path (no `.` or `..`)"
                     ));
+                } else if let Err(why) =
+                    check_state_dir(path).and_then(|()| self.confined(path, &[]))
+                {
+                    problems.push(format!("{at}: the file {why}"));
                 }
                 if let Some(owner) = &file.owner {
                     if !valid_owner(owner) {
@@ -149,6 +155,10 @@ impl Settings {
                     problems.push(format!(
                         "{at}.template = {t:?}: expected \"builtin:NAME\" or an absolute path"
                     ));
+                } else if !t.starts_with(BUILTIN_PREFIX) {
+                    if let Err(why) = self.confined(t, TEMPLATE_DIRS) {
+                        problems.push(format!("{at}.template = {t:?}: the template {why}"));
+                    }
                 }
             }
         }
@@ -171,6 +181,104 @@ impl Settings {
             Err(problems)
         }
     }
+}
+
+/// The status socket's home, besides `trust.paths`.
+const SOCKET_DIR: &str = "/run/nodeagent";
+/// Where templates may be read from, besides `trust.paths`: nodeagent's own configuration and
+/// its package's templates.
+const TEMPLATE_DIRS: &[&str] = &["/etc/nodeagent", "/usr/share/nodeagent"];
+/// Where the Docker socket is: a container may mount it (registrator must).
+const DOCKER_SOCKETS: &[&str] = &["/var/run/docker.sock", "/run/docker.sock"];
+/// Host paths no container mounts by accident: the whole host, its configuration, its kernel's
+/// views, its boot files, root's home, the state of every service. Only `trust.mounts` allows
+/// them (or what is below /proc, /sys, /boot, /root, /dev).
+const GUARDED: &[&str] = &[
+    "/", "/etc", "/proc", "/sys", "/boot", "/root", "/dev", "/var/lib", "/usr", "/var", "/run",
+];
+const GUARDED_BELOW: &[&str] = &["/proc", "/sys", "/boot", "/root", "/dev"];
+
+impl Settings {
+    /// `trust.*`: normal absolute paths; no prefix that is the whole host.
+    fn check_trust(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (key, list) in [("paths", &self.trust.paths), ("mounts", &self.trust.mounts)] {
+            for p in list.iter().filter(|p| !normal_path(p)) {
+                problems.push(format!("trust.{key}: {p:?} is not a normal absolute path"));
+            }
+        }
+        if self
+            .trust
+            .paths
+            .iter()
+            .any(|p| p.trim_end_matches('/').is_empty())
+        {
+            problems.push(
+                "trust.paths: \"/\" would let a configuration write anywhere; name the directories"
+                    .into(),
+            );
+        }
+        problems
+    }
+
+    /// `Ok` when `path` is a normal absolute path under `trust.paths` (or `also`); else why not.
+    fn confined(&self, path: &str, also: &[&str]) -> Result<(), String> {
+        if !normal_path(path) {
+            return Err("must be a normal absolute path (no `.` or `..`)".into());
+        }
+        let allowed = self
+            .trust
+            .paths
+            .iter()
+            .map(String::as_str)
+            .chain(also.iter().copied());
+        if allowed.clone().any(|p| under(path, p)) {
+            return Ok(());
+        }
+        let list: Vec<&str> = allowed.collect();
+        Err(format!(
+            "is outside the paths nodeagent may use ({}): the image owner adds one to trust.paths in /etc/nodeagent",
+            list.join(", ")
+        ))
+    }
+
+    /// A container's bind mounts: the host side within `trust.paths`, the Docker socket, or
+    /// `trust.mounts`; what would hand the container the host is refused unless allowed.
+    fn check_mounts(&self, task: &str, c: &Container) -> Vec<String> {
+        let mut problems = Vec::new();
+        for mount in &c.mounts {
+            let host = mount.split(':').next().unwrap_or_default();
+            if !normal_path(host) {
+                continue; // check_container reports its shape
+            }
+            let allowed = self.trust.mounts.iter().any(|m| under(host, m));
+            if allowed || DOCKER_SOCKETS.contains(&host) {
+                continue;
+            }
+            let guarded = GUARDED.iter().any(|g| under(g, host))
+                || GUARDED_BELOW.iter().any(|g| under(host, g));
+            if guarded {
+                problems.push(format!(
+                    "tasks.{task}.container.mounts: {mount:?} would give the container the host's {host}; the image owner may allow it in trust.mounts"
+                ));
+            } else if self.confined(host, &[]).is_err() {
+                problems.push(format!(
+                    "tasks.{task}.container.mounts: {mount:?}: containers mount only within trust.paths, the Docker socket, or trust.mounts"
+                ));
+            }
+        }
+        problems
+    }
+}
+
+/// An absolute path without empty, `.` or `..` segments.
+fn normal_path(path: &str) -> bool {
+    path.starts_with('/')
+        && (path == "/"
+            || path[1..]
+                .trim_end_matches('/')
+                .split('/')
+                .all(|p| !p.is_empty() && p != "." && p != ".."))
 }
 
 /// A task directory is the task's own state (`prepare-image` empties it): an absolute,

@@ -189,9 +189,9 @@ pub async fn prepare(at: &Location, logging: &Logging) -> anyhow::Result<()> {
     let sdk = aws::sdk_config(&facts.region).await;
     let ec2 = SdkEc2::new(&sdk, Arc::new(AwsCalls::default()));
     let deadline = Instant::now() + node::early_discovery_timeout(&files);
-    let settings = layers::with_instance(files, &imds, &ec2, &facts.instance_id, deadline)
-        .await?
-        .settings;
+    let loaded = layers::with_instance(files, &imds, &ec2, &facts.instance_id, deadline).await?;
+    node::warn_ignored(&loaded.ignored);
+    let settings = loaded.settings;
     image::guard(&settings, &fs, &facts.instance_id)?;
     crate::boot::prepare(&settings, &fs)?;
     Ok(())

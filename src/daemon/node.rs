@@ -56,10 +56,12 @@ pub async fn boot(
     let ec2 = SdkEc2::new(&sdk, calls.clone());
     // The files' discovery timeout bounds the boot's EC2 calls, this one included.
     let deadline = Instant::now() + early_discovery_timeout(&files);
-    let settings = layers::with_instance(files, &imds, &ec2, &facts.instance_id, deadline)
+    let loaded = layers::with_instance(files, &imds, &ec2, &facts.instance_id, deadline)
         .instrument(info_span!("phase", phase = Phase::Imds.as_str()))
-        .await?
-        .settings;
+        .await?;
+    warn_ignored(&loaded.ignored);
+    board.update(|s| s.ignored = loaded.ignored.clone());
+    let settings = loaded.settings;
     let imds_phase = PhaseTime {
         phase: Phase::Imds,
         started_ms: 0.0,
@@ -103,6 +105,13 @@ pub async fn boot(
         sdk,
         imds: Arc::new(imds),
     })
+}
+
+/// One warning per key a layer set and nodeagent did not take: the key, never the value.
+pub fn warn_ignored(ignored: &[crate::config::trust::Ignored]) {
+    for i in ignored {
+        warn!(key = %i.key, layer = %i.layer, "{} sets {}, which is ignored: {}", i.layer, i.key, i.why);
+    }
 }
 
 /// `consul.discovery_timeout` as the files set it (the instance's layers are not read yet).

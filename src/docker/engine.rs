@@ -2,7 +2,7 @@
 //! fallback API version), each call's error naming the engine, and the translations between
 //! bollard's models and the boundary's types.
 
-use super::{ContainerInfo, ContainerSpec, DockerEvent, EngineAbsent};
+use super::{ContainerInfo, ContainerSpec, DockerEvent, EngineAbsent, Made};
 use anyhow::{anyhow, Context};
 use bollard::errors::Error as BollardError;
 use bollard::models::{
@@ -308,14 +308,21 @@ pub(super) fn info_from(response: ContainerInspectResponse) -> ContainerInfo {
     let state = response.state.unwrap_or_default();
     let running = state.running.unwrap_or(false);
     let when = |t: Option<String>| t.filter(|t| !t.is_empty() && t != ZERO_TIME);
+    let config = response.config.unwrap_or_default();
+    let made = Made {
+        image: config.image.clone().unwrap_or_default(),
+        command: config.cmd.clone().unwrap_or_default(),
+        entrypoint: config.entrypoint.clone().unwrap_or_default(),
+        env: config.env.clone().unwrap_or_default(),
+        binds: response
+            .host_config
+            .and_then(|h| h.binds)
+            .unwrap_or_default(),
+    };
     ContainerInfo {
         id: response.id.unwrap_or_default(),
-        labels: response
-            .config
-            .and_then(|c| c.labels)
-            .unwrap_or_default()
-            .into_iter()
-            .collect(),
+        labels: config.labels.unwrap_or_default().into_iter().collect(),
+        made,
         running,
         exit_code: if running { None } else { state.exit_code },
         oom_killed: state.oom_killed.unwrap_or(false),

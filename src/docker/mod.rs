@@ -65,6 +65,19 @@ pub struct ContainerInfo {
     pub started_at: Option<String>,
     /// RFC 3339, as Docker reports it; `None` if it never finished.
     pub finished_at: Option<String>,
+    /// How it was made: the image as named at creation, its command, entrypoint and
+    /// environment (the image's and the container's), its bind mounts.
+    pub made: Made,
+}
+
+/// What a container was created with, as the engine reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Made {
+    pub image: String,
+    pub command: Vec<String>,
+    pub entrypoint: Vec<String>,
+    pub env: Vec<String>,
+    pub binds: Vec<String>,
 }
 
 /// Container events (no other kind is reported).

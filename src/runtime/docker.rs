@@ -7,7 +7,7 @@
 
 use super::{Exit, Instance, Runtime, RuntimeEvent};
 use crate::config::{Container, Settings};
-use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerEvent};
+use crate::docker::{ContainerInfo, ContainerSpec, Docker, DockerEvent, Made};
 use crate::hostfs::RootedFs;
 use anyhow::Context;
 use async_trait::async_trait;
@@ -16,6 +16,7 @@ use futures_util::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::warn;
 
 /// Label holding the instance id of the node whose nodeagent owns the container.
 pub const LABEL_NODE: &str = "io.nodeagent.node";
@@ -75,6 +76,41 @@ fn container_spec(c: &Container, task: &str, node: &str, fs: &RootedFs) -> Conta
     }
 }
 
+/// Whether a container carrying a task's labels was made as nodeagent makes that task's: the
+/// same image, command, entrypoint, environment and mounts. Anyone with the Docker socket can
+/// put our labels on a container; one that differs is not adopted but stopped and reported.
+fn made_as(spec: &ContainerSpec, made: &Made) -> Result<(), String> {
+    if made.image != spec.image {
+        return Err(format!("image {} instead of {}", made.image, spec.image));
+    }
+    if !spec.command.is_empty() && made.command != spec.command {
+        return Err(format!(
+            "command {:?} instead of {:?}",
+            made.command, spec.command
+        ));
+    }
+    if let Some(entrypoint) = &spec.entrypoint {
+        if &made.entrypoint != entrypoint {
+            return Err(format!(
+                "entrypoint {:?} instead of {entrypoint:?}",
+                made.entrypoint
+            ));
+        }
+    }
+    for (k, v) in &spec.env {
+        if !made.env.contains(&format!("{k}={v}")) {
+            return Err(format!("environment without {k} as configured"));
+        }
+    }
+    let (mut ours, mut theirs) = (spec.binds.clone(), made.binds.clone());
+    ours.sort();
+    theirs.sort();
+    if ours != theirs {
+        return Err(format!("mounts {theirs:?} instead of {ours:?}"));
+    }
+    Ok(())
+}
+
 fn instance(info: ContainerInfo) -> Instance {
     let exit = (!info.running).then(|| Exit {
         code: info.exit_code,
@@ -95,13 +131,21 @@ fn instance(info: ContainerInfo) -> Instance {
 #[async_trait]
 impl Runtime for DockerRuntime {
     async fn instances(&self) -> anyhow::Result<Vec<Instance>> {
-        Ok(self
-            .docker
-            .list(&self.ours())
-            .await?
-            .into_iter()
-            .map(instance)
-            .collect())
+        let mut found = Vec::new();
+        for info in self.docker.list(&self.ours()).await? {
+            let made = info.made.clone();
+            let mut inst = instance(info);
+            if let Some(spec) = self.specs.get(&inst.task) {
+                if let Err(why) = made_as(spec, &made) {
+                    // Claims our labels, was not made by us: reported, then stopped as a
+                    // task that is not configured.
+                    warn!(task = %inst.task, id = %inst.id, "{}: container {} carries this node's labels but was not made by nodeagent ({why}): not adopted", inst.task, inst.id);
+                    inst.task = format!("{} (not ours: {why})", inst.task);
+                }
+            }
+            found.push(inst);
+        }
+        Ok(found)
     }
 
     async fn start(&self, task: &str) -> anyhow::Result<Instance> {

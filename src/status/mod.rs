@@ -14,6 +14,7 @@ mod table;
 
 use crate::aws::OpCount;
 use crate::boot::{BootReport, PhaseTime};
+pub use crate::config::trust::Ignored;
 use crate::facts::InstanceFacts;
 pub use crate::lifecycle::drain::DrainStatus;
 pub use crate::phase::Phase;
@@ -58,6 +59,10 @@ pub struct NodeStatus {
     pub files: Vec<File>,
     /// Calls and errors per AWS operation ("ecs:StartTask") since the agent started.
     pub aws_calls: BTreeMap<String, OpCount>,
+    /// Keys a layer set and nodeagent did not take (not the layer's to set, or not a valid
+    /// value): `key`, `layer`, `why` — never the value.
+    #[serde(default)]
+    pub ignored: Vec<Ignored>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -349,7 +354,7 @@ mod tests {
         json["tasks"][0]["since"] = "T".into();
         assert_eq!(
             serde_json::to_string(&json).unwrap(),
-            r#"{"aws_calls":{},"cluster":"","consul":{"found_at":null,"servers":[]},"container_instance_arn":null,"drain":null,"files":[],"healthy":false,"instance_id":"i-1","node":null,"phase":"supervise","phase_detail":null,"phases":[{"phase":"discover","started_ms":1.5,"took_ms":2.0}],"readiness":null,"runtime":"","started_at":"","tasks":[{"adopted":false,"health":null,"health_latency_ms":null,"instance":null,"last_exit":{"code":3,"reason":"died"},"last_output":null,"name":"linkerd","restarts":7,"runtime":"docker","since":"T","state":"crash-loop"}],"version":1}"#
+            r#"{"aws_calls":{},"cluster":"","consul":{"found_at":null,"servers":[]},"container_instance_arn":null,"drain":null,"files":[],"healthy":false,"ignored":[],"instance_id":"i-1","node":null,"phase":"supervise","phase_detail":null,"phases":[{"phase":"discover","started_ms":1.5,"took_ms":2.0}],"readiness":null,"runtime":"","started_at":"","tasks":[{"adopted":false,"health":null,"health_latency_ms":null,"instance":null,"last_exit":{"code":3,"reason":"died"},"last_output":null,"name":"linkerd","restarts":7,"runtime":"docker","since":"T","state":"crash-loop"}],"version":1}"#
         );
         let keys: Vec<String> = serde_json::to_string_pretty(&s)
             .unwrap()
@@ -376,7 +381,8 @@ mod tests {
                 "consul",
                 "tasks",
                 "files",
-                "aws_calls"
+                "aws_calls",
+                "ignored"
             ],
             "the documented order"
         );

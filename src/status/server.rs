@@ -53,8 +53,7 @@ pub struct NodeLock {
 impl NodeLock {
     pub fn take(path: &Path) -> anyhow::Result<NodeLock> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)

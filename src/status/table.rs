@@ -62,6 +62,9 @@ impl NodeStatus {
                 age(found, now)
             );
         }
+        for i in &self.ignored {
+            let _ = writeln!(out, "ignored    {} ({}): {}", i.key, i.layer, i.why);
+        }
         if let Some(d) = &self.drain {
             let _ = writeln!(out, "drain      {} since {}", d.trigger, d.started_at);
             for step in &d.steps {

@@ -42,6 +42,8 @@ impl ContainerInstance for Peers {
             vec![EcsTask {
                 arn: "arn:app".into(),
                 family: "app".into(),
+                revision: Some(1),
+                overridden: false,
                 started_by: Some("ecs-svc/1".into()),
                 last_status: "RUNNING".into(),
                 desired_status: "STOPPED".into(),

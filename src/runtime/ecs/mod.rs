@@ -93,8 +93,8 @@ struct Shared {
     container_instance: String,
     started_by: String,
     start_timeout: Duration,
-    /// family → task name.
-    tasks: BTreeMap<String, String>,
+    /// family → (task name, the revision when the configuration pins one: `family:3`).
+    tasks: BTreeMap<String, (String, Option<u32>)>,
     /// task ARN → our task's name, or `None` for someone else's task.
     known: Mutex<HashMap<String, Option<String>>>,
     /// What this node started, and when.
@@ -120,7 +120,10 @@ impl EcsRuntime {
                 tasks: cx
                     .tasks
                     .iter()
-                    .map(|(n, f)| (f.clone(), n.clone()))
+                    .map(|(name, family)| match family.split_once(':') {
+                        Some((f, rev)) => (f.to_string(), (name.clone(), rev.parse().ok())),
+                        None => (family.clone(), (name.clone(), None)),
+                    })
                     .collect(),
                 known: Mutex::new(known),
                 record: Mutex::new(record),
@@ -135,15 +138,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    /// Our task's name for an ECS task, `None` when it is not ours or not live.
+    /// Our task's name for an ECS task, `None` when it is not ours or not live. A task that
+    /// says it is ours (`startedBy`) is taken only if it runs a configured family (at the
+    /// configured revision, when one is pinned) and carries no overrides — nodeagent makes
+    /// none; anything else claiming our name is named so and stopped by the supervisor.
     fn classify(&self, task: &EcsTask) -> Option<String> {
-        let ours = task.started_by.as_deref() == Some(self.started_by.as_str()) && live(task);
-        ours.then(|| {
-            self.tasks
-                .get(&task.family)
-                .cloned()
-                // A family no longer configured: reported under its own name, then stopped.
-                .unwrap_or_else(|| format!("family:{}", task.family))
+        let claims = task.started_by.as_deref() == Some(self.started_by.as_str()) && live(task);
+        if !claims {
+            return None;
+        }
+        let Some((name, pinned)) = self.tasks.get(&task.family) else {
+            // A family no longer configured: reported under its own name, then stopped.
+            return Some(format!("family:{}", task.family));
+        };
+        let why = if task.overridden {
+            Some("started with overrides nodeagent never makes".to_string())
+        } else if pinned.is_some() && task.revision != *pinned {
+            Some(format!(
+                "revision {:?} of {}, not the configured {:?}",
+                task.revision, task.family, pinned
+            ))
+        } else {
+            None
+        };
+        Some(match why {
+            None => name.clone(),
+            Some(why) => {
+                warn!(task = %name, arn = %task.arn, "{name}: task {} claims to be this node's but is not ({why}): not adopted", task.arn);
+                format!("{name} (not ours: {why})")
+            }
         })
     }
 
@@ -305,18 +328,28 @@ impl Runtime for EcsRuntime {
 
     async fn start(&self, task: &str) -> anyhow::Result<Instance> {
         let s = &self.state;
-        let family = s
+        let (family, pinned) = s
             .tasks
             .iter()
-            .find(|(_, name)| name.as_str() == task)
-            .map(|(f, _)| f.clone())
+            .find(|(_, (name, _))| name.as_str() == task)
+            .map(|(f, (_, rev))| (f.clone(), *rev))
             .ok_or_else(|| anyhow!("task {task} is not configured"))?;
+        // StartTask takes `family` (the latest ACTIVE revision) or `family:revision`.
+        let definition = match pinned {
+            Some(rev) => format!("{family}:{rev}"),
+            None => family.clone(),
+        };
         let deadline = Instant::now() + s.start_timeout;
         let mut backoff = FullJitter::new(RETRY_BASE, RETRY_CAP);
         loop {
             let started = s
                 .ecs
-                .start_task(&s.cluster, &family, &s.container_instance, &s.started_by)
+                .start_task(
+                    &s.cluster,
+                    &definition,
+                    &s.container_instance,
+                    &s.started_by,
+                )
                 .await;
             let why = match started {
                 Ok(StartOutcome::Started(t)) => {

@@ -165,6 +165,8 @@ fn task(arn: &str, family: &str, by: &str, ci: &str) -> EcsTask {
     EcsTask {
         arn: arn.into(),
         family: family.into(),
+        revision: Some(1),
+        overridden: false,
         started_by: Some(by.into()),
         last_status: "RUNNING".into(),
         desired_status: "RUNNING".into(),
@@ -301,4 +303,43 @@ async fn throttling_and_placement_failures_are_retried_until_the_start_timeout()
         "{err}"
     );
     assert!(begun.elapsed() <= Duration::from_secs(300));
+}
+
+/// `startedBy` is not proof: anyone with ecs:StartTask can claim it. A task of ours with
+/// command/env overrides, or another revision than the one pinned, is not adopted.
+#[tokio::test(start_paused = true)]
+async fn a_task_claiming_our_started_by_with_overrides_is_not_ours() {
+    let ecs = Arc::new(FakeEcs::default());
+    let mut evil = task("arn:evil", "linkerd", "nodeagent/i-1", "ci");
+    evil.overridden = true;
+    let mut old = task("arn:old", "consul-agent", "nodeagent/i-1", "ci");
+    old.revision = Some(2);
+    ecs.tasks
+        .lock()
+        .unwrap()
+        .extend([(evil, Instant::now()), (old, Instant::now())]);
+    let rt = EcsRuntime::new(Context {
+        ecs,
+        agent: None,
+        docker: None,
+        fs: None,
+        cluster: "c".into(),
+        container_instance: "ci".into(),
+        instance_id: "i-1".into(),
+        tasks: vec![
+            ("consul-agent".into(), "consul-agent:3".into()),
+            ("linkerd".into(), "linkerd".into()),
+        ],
+        start_timeout: Duration::from_secs(300),
+    });
+    let found = rt.instances().await.unwrap();
+    let mut names: Vec<&str> = found.iter().map(|i| i.task.as_str()).collect();
+    names.sort();
+    assert_eq!(
+        names,
+        [
+            "consul-agent (not ours: revision Some(2) of consul-agent, not the configured Some(3))",
+            "linkerd (not ours: started with overrides nodeagent never makes)"
+        ]
+    );
 }
