@@ -45,6 +45,9 @@ pub fn merge(existing: &str, managed: &[(String, String)]) -> String {
             lines.push(format!("{key}={value}"));
         }
     }
+    if lines.is_empty() {
+        return String::new();
+    }
     let mut out = lines.join("\n");
     out.push('\n');
     out

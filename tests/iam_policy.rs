@@ -1,7 +1,10 @@
 //! The shipped IAM policy (`packaging/iam-policy.json`) grants exactly the AWS operations the
 //! code calls: each SDK call site (`.client.<operation>(` in the boundary modules) and each
 //! operation name the call accounting records must be in the policy, and the policy must grant
-//! nothing else. ECS actions are scoped to the cluster (`ecs:cluster`).
+//! nothing else. Every ECS action is scoped to the cluster (`ecs:cluster`) and to the
+//! resources it acts on, as narrowly as ECS authorizes it: the container instances and tasks
+//! of the cluster, and for `StartTask` only the task definitions of the built-in
+//! configuration's families.
 
 use std::collections::BTreeSet;
 
@@ -71,6 +74,54 @@ fn recorded() -> BTreeSet<String> {
     ops
 }
 
+/// A statement's `Resource`, as a list.
+fn resources(statement: &serde_json::Value) -> Vec<String> {
+    match &statement["Resource"] {
+        serde_json::Value::String(r) => vec![r.clone()],
+        serde_json::Value::Array(rs) => {
+            rs.iter().map(|r| r.as_str().unwrap().to_string()).collect()
+        }
+        other => panic!("no Resource: {other}"),
+    }
+}
+
+/// The resources an ECS action of nodeagent's may act on: the resource type ECS authorizes it
+/// on (the Service Authorization Reference), within the cluster.
+fn ecs_scope(action: &str) -> Option<Vec<String>> {
+    const ECS: &str = "arn:aws:ecs:REGION:ACCOUNT_ID";
+    let one = |r: &str| Some(vec![format!("{ECS}:{r}")]);
+    match action {
+        "ecs:ListTasks"
+        | "ecs:PutAttributes"
+        | "ecs:DeleteAttributes"
+        | "ecs:UpdateContainerInstancesState" => one("container-instance/CLUSTER_NAME/*"),
+        "ecs:DescribeTasks" | "ecs:StopTask" => one("task/CLUSTER_NAME/*"),
+        // Only the families nodeagent starts, any revision (a pinned `family:N` among them).
+        "ecs:StartTask" => Some(
+            default_families()
+                .iter()
+                .map(|f| format!("{ECS}:task-definition/{f}:*"))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+/// The ECS families of the built-in configuration's tasks, sorted.
+fn default_families() -> Vec<String> {
+    let text = std::fs::read_to_string(support::repo().join("src/config/defaults.toml")).unwrap();
+    let defaults: toml::Table = toml::from_str(&text).unwrap();
+    let mut families: Vec<String> = defaults["tasks"]
+        .as_table()
+        .unwrap()
+        .values()
+        .filter_map(|t| t.get("family")?.as_str().map(str::to_string))
+        .collect();
+    families.sort();
+    assert_eq!(families.len(), 3, "{families:?}");
+    families
+}
+
 #[test]
 fn the_policy_grants_exactly_what_the_code_calls() {
     let text = std::fs::read_to_string(support::repo().join("packaging/iam-policy.json")).unwrap();
@@ -91,6 +142,9 @@ fn the_policy_grants_exactly_what_the_code_calls() {
                         .is_some_and(|c| c.ends_with(":cluster/CLUSTER_NAME")),
                     "{action} is scoped to the cluster: {statement}"
                 );
+                let scope = ecs_scope(action)
+                    .unwrap_or_else(|| panic!("{action}: which resources does it act on?"));
+                assert_eq!(resources(statement), scope, "{action}: {statement}");
             }
         }
     }

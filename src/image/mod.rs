@@ -15,10 +15,11 @@ mod prepare;
 
 pub use prepare::prepare_image;
 
+use crate::config::trust::under;
 use crate::config::Settings;
 use crate::ecs_config;
 use crate::hostfs::{HostFs, Perms};
-use anyhow::{anyhow, Context};
+use anyhow::{anyhow, bail, Context};
 use tracing::{info, warn};
 
 /// The ECS agent's state directory (checkpoint, boltdb).
@@ -51,6 +52,18 @@ pub fn clean(
     dirs.dedup();
     files.sort();
     files.dedup();
+    // Validation confines every task path to trust.paths already; this removes nothing outside
+    // them even from settings that were never validated.
+    let confined = |path: &str| {
+        [ECS_DATA_DIR, STATE_DIR].contains(&path)
+            || settings.trust.paths.iter().any(|p| under(path, p))
+    };
+    if let Some(outside) = dirs.iter().chain(&files).find(|p| !confined(p)) {
+        bail!(
+            "refusing to remove {outside}: it is outside trust.paths ({})",
+            settings.trust.paths.join(", ")
+        );
+    }
     for dir in dirs {
         for name in fs.empty(&dir)? {
             removed(format!("{dir}/{name}"));
@@ -190,5 +203,29 @@ mod tests {
         fs.write_atomic(INSTANCE_RECORD, b"i-1\n", Perms::mode(0o644))
             .unwrap();
         assert_eq!(baked_from(&fs, "i-1").unwrap(), None, "the record wins");
+    }
+
+    #[test]
+    fn clean_removes_nothing_outside_trust_paths_even_unvalidated() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = RootedFs::new(dir.path());
+        fs.write_atomic(
+            "/etc/passwd",
+            b"root:x:0:0::/root:/bin/sh\n",
+            Perms::mode(0o644),
+        )
+        .unwrap();
+        let mut settings = crate::config::from_fragments(&[]).unwrap();
+        let task = settings.tasks.values_mut().next().unwrap();
+        task.dirs.push("/etc".into());
+        let mut removed = Vec::new();
+        let err = clean(&settings, &fs, &mut |p| removed.push(p)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("refusing to remove /etc: it is outside trust.paths"),
+            "{err}"
+        );
+        assert!(removed.is_empty(), "{removed:?}");
+        assert!(dir.path().join("etc/passwd").exists());
     }
 }

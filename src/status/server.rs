@@ -19,11 +19,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, info};
 
 /// A client gets this long to send its request headers.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const HEADER_TIMEOUT: Duration = Duration::from_secs(2);
+/// At most this many connections are served at once; a new one sheds the oldest. A member of
+/// group `nodeagent` holding thousands of half-sent requests must exhaust neither the agent's
+/// file descriptors nor its memory, and `nodeagent status` (the newest) is still served.
+const MAX_CONNECTIONS: usize = 32;
+/// Request headers larger than this are refused (the requests are a line and a host).
+const MAX_HEADERS: usize = 8 * 1024;
 /// Permissions of the socket: root and the `nodeagent` group read the node's internals.
 const SOCKET_MODE: u32 = 0o660;
 /// Permissions of a socket directory nodeagent creates (tmpfiles.d normally does).
@@ -130,12 +136,19 @@ pub async fn serve_unix(
     // Reading the status is for root and group `nodeagent` (the socket's mode); draining the
     // node is for root, or the agent's own user.
     let own_uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let mut live = Connections::default();
     loop {
+        let permit = live.room().await;
         match listener.accept().await {
             Ok((stream, _)) => {
                 let uid = stream.peer_cred().ok().map(|c| c.uid());
                 let may_drain = uid.is_some_and(|u| u == 0 || Some(u) == own_uid);
-                connection(TokioIo::new(stream), api.clone(), may_drain)
+                live.add(connection(
+                    TokioIo::new(stream),
+                    api.clone(),
+                    may_drain,
+                    permit,
+                ));
             }
             Err(e) => {
                 debug!(error = %e, "status socket accept failed");
@@ -160,9 +173,13 @@ pub async fn serve_metrics(listener: TcpListener, snapshot: Snapshot) {
         snapshot,
         drains: None,
     });
+    let mut live = Connections::default();
     loop {
+        let permit = live.room().await;
         match listener.accept().await {
-            Ok((stream, _)) => connection(TokioIo::new(stream), api.clone(), false),
+            Ok((stream, _)) => {
+                live.add(connection(TokioIo::new(stream), api.clone(), false, permit))
+            }
             Err(e) => {
                 debug!(error = %e, "metrics accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -177,11 +194,57 @@ struct Api {
     drains: Option<mpsc::Sender<DrainRequest>>,
 }
 
-fn connection<IO>(io: IO, api: Arc<Api>, may_drain: bool)
+/// The connections being served, oldest first, at most [`MAX_CONNECTIONS`]: each holds a
+/// permit until its task is dropped, so the bound is on open sockets, not on bookkeeping.
+struct Connections {
+    live: std::collections::VecDeque<tokio::task::AbortHandle>,
+    room: Arc<Semaphore>,
+}
+
+impl Default for Connections {
+    fn default() -> Self {
+        Connections {
+            live: Default::default(),
+            room: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        }
+    }
+}
+
+impl Connections {
+    /// Room for one more: when every permit is taken, the oldest connection is shed and its
+    /// socket's close awaited.
+    async fn room(&mut self) -> OwnedSemaphorePermit {
+        if let Ok(permit) = self.room.clone().try_acquire_owned() {
+            return permit;
+        }
+        self.live.retain(|c| !c.is_finished());
+        if let Some(oldest) = self.live.pop_front() {
+            oldest.abort();
+        }
+        self.room
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    fn add(&mut self, served: tokio::task::AbortHandle) {
+        self.live.retain(|c| !c.is_finished());
+        self.live.push_back(served);
+    }
+}
+
+fn connection<IO>(
+    io: IO,
+    api: Arc<Api>,
+    may_drain: bool,
+    permit: OwnedSemaphorePermit,
+) -> tokio::task::AbortHandle
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    tokio::spawn(async move {
+    let served = tokio::spawn(async move {
+        let _permit = permit;
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let api = api.clone();
             async move { Ok::<_, Infallible>(answer(&req, &api, may_drain)) }
@@ -189,12 +252,14 @@ where
         let served = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_TIMEOUT)
+            .max_buf_size(MAX_HEADERS)
             .serve_connection(io, service)
             .await;
         if let Err(e) = served {
             debug!(error = %e, "status connection ended");
         }
     });
+    served.abort_handle()
 }
 
 /// The longest `tasks_timeout` a drain may be asked to wait for the application tasks.
@@ -202,7 +267,7 @@ const MAX_TASKS_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// `tasks_timeout=SECONDS` of a drain request (whole seconds, at most a day); any other query
 /// parameter is refused.
-fn drain_timeout(query: &str) -> Result<Option<Duration>, String> {
+pub fn drain_timeout(query: &str) -> Result<Option<Duration>, String> {
     let mut timeout = None;
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
