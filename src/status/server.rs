@@ -245,21 +245,30 @@ where
 {
     let served = tokio::spawn(async move {
         let _permit = permit;
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let api = api.clone();
-            async move { Ok::<_, Infallible>(answer(&req, &api, may_drain)) }
-        });
-        let served = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_TIMEOUT)
-            .max_buf_size(MAX_HEADERS)
-            .serve_connection(io, service)
-            .await;
-        if let Err(e) = served {
-            debug!(error = %e, "status connection ended");
-        }
+        serve(io, api, may_drain).await;
     });
     served.abort_handle()
+}
+
+/// Serves one connection until it ends: requests within [`HEADER_TIMEOUT`] and
+/// [`MAX_HEADERS`], else the connection is closed.
+async fn serve<IO>(io: IO, api: Arc<Api>, may_drain: bool)
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(answer(&req, &api, may_drain)) }
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(MAX_HEADERS)
+        .serve_connection(io, service)
+        .await;
+    if let Err(e) = served {
+        debug!(error = %e, "status connection ended");
+    }
 }
 
 /// The longest `tasks_timeout` a drain may be asked to wait for the application tasks.
@@ -387,6 +396,52 @@ mod tests {
             "other=1",
         ] {
             assert!(drain_timeout(bad).is_err(), "{bad}");
+        }
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 128,
+            failure_persistence: None,
+            ..Default::default()
+        })]
+
+        /// Whatever a client sends — bytes, or a request line with any path and query — the
+        /// connection ends (answered or closed, never hung past the header timeout) and
+        /// nothing panics (a panic aborts the agent).
+        #[test]
+        fn any_request_ends_without_a_panic(
+            raw in prop_oneof![
+                proptest::collection::vec(any::<u8>(), 0..2048),
+                ("(GET|POST|PUT) ", "/[ -~]{0,64}", " HTTP/1\\.[01]\r\n([A-Za-z-]{1,12}: [ -~]{0,40}\r\n){0,4}(\r\n)?")
+                    .prop_map(|(m, p, rest)| format!("{m}{p}{rest}").into_bytes()),
+            ],
+            may_drain in any::<bool>(),
+        ) {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let (drains, _requests) = mpsc::channel(1);
+            let api = Arc::new(Api {
+                snapshot: Arc::new(NodeStatus::default),
+                drains: Some(drains),
+            });
+            let ended = runtime.block_on(async move {
+                let (mut client, server) = tokio::io::duplex(64 * 1024);
+                let served = serve(TokioIo::new(server), api, may_drain);
+                let client = async move {
+                    let _ = client.write_all(&raw).await;
+                    let mut answer = Vec::new();
+                    let _ = client.read_to_end(&mut answer).await;
+                };
+                tokio::time::timeout(HEADER_TIMEOUT * 10, async { tokio::join!(served, client) }).await
+            });
+            prop_assert!(ended.is_ok(), "the connection hung");
         }
     }
 }
