@@ -625,20 +625,28 @@ fn a_drained_node_stays_drained_when_its_agent_restarts() {
         serde_json::json!({"spot/instance-action": "{\"action\": \"stop\"}"}),
     ));
     wait_for(BOOT, "the drain done", || drained_node(&node).is_some());
-    assert_eq!(
-        drained_node(&node).unwrap()["drain"]["trigger"],
-        "spot-interruption"
-    );
+    let drain = drained_node(&node).unwrap()["drain"].clone();
+    assert_eq!(drain["trigger"], "spot-interruption");
     assert!(agent.sigterm().success());
-    assert_eq!(node.world.read("/run/nodeagent/drain"), "spot-interruption");
+    let recorded: serde_json::Value =
+        serde_json::from_str(&node.world.read("/run/nodeagent/drain")).unwrap();
+    assert_eq!(recorded, drain, "the drain is recorded as it ended");
     assert_eq!(node.containers(), []);
 
-    // A new agent (a watchdog restart, an upgrade): it resumes the drain and starts nothing.
+    // A new agent (a watchdog restart, an upgrade): it reports the drain as it ended, runs no
+    // step again (Consul is gone: a maintenance or leave would fail) and starts nothing.
     let since = stamp();
     let _second = node.run("second");
-    wait_for(BOOT, "the resumed drain done", || {
-        drained_node(&node).is_some_and(|s| s["drain"]["trigger"] == "resumed")
+    wait_for(BOOT, "the drained node reported", || {
+        drained_node(&node).is_some()
     });
+    let again = drained_node(&node).unwrap();
+    assert_eq!(again["drain"], drain, "{again}");
+    let steps = again["drain"]["steps"].as_array().unwrap();
+    assert!(
+        !steps.is_empty() && steps.iter().all(|s| s["ok"] == true),
+        "{again}"
+    );
     let created = node.engine.events(
         &since,
         &[

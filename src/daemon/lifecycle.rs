@@ -29,12 +29,12 @@ pub struct Standing<'a> {
 }
 
 impl Standing<'_> {
-    /// Starts the gate, self-healing and the drain's trigger; `resume`: a drain an earlier
-    /// agent began goes on at once. What runs ends when the returned handles are dropped.
+    /// Starts the gate, self-healing and the drain's trigger; `resume`: the drain an earlier
+    /// agent began in this boot, which goes on at once (or, finished, is only reported). What runs ends when the returned handles are dropped.
     pub fn start(
         self,
         mut drains: tokio::sync::mpsc::Receiver<DrainRequest>,
-        resume: bool,
+        resume: Option<drain::DrainStatus>,
     ) -> Vec<AbortOnDrop<()>> {
         let (settings, facts, report) = (
             &self.booted.settings,
@@ -52,7 +52,7 @@ impl Standing<'_> {
             Some(ci) if !lc.ready_attribute.is_empty() => {
                 let (present, mut seen) = watch::channel(None);
                 // A resumed drain withdraws the attribute from the start.
-                let (withdraw, withdrawn) = watch::channel(resume);
+                let (withdraw, withdrawn) = watch::channel(resume.is_some());
                 let attribute = lc.ready_attribute.clone();
                 board.update(|s| {
                     s.readiness = Some(status::Readiness {
@@ -142,10 +142,12 @@ impl Standing<'_> {
                 trigger,
                 gone_at: None,
             };
-            let notice = if resume {
-                now(Trigger::Resumed)
-            } else {
-                tokio::select! {
+            // A drain an earlier agent finished is reported as it ended; no step runs again.
+            let finished = resume.clone().filter(|d| d.done);
+            let notice = match &resume {
+                Some(d) if d.done => None,
+                Some(_) => Some(now(Trigger::Resumed)),
+                None => Some(tokio::select! {
                     n = wait_for_trigger(imds.clone(), poll, rebalance) => n,
                     Some(request) = drains.recv() => {
                         if let Some(t) = request.tasks_timeout {
@@ -153,29 +155,41 @@ impl Standing<'_> {
                         }
                         now(Trigger::Requested)
                     }
-                }
+                }),
             };
-            let trigger = notice.trigger;
-            // The node stays drained, whatever happens to this agent.
-            if let Err(e) = drain::record(&fs, trigger) {
-                warn!("cannot record the drain ({e}): a restarted agent would not resume it");
-            }
-            let (progress, mut seen) = watch::channel(None);
-            board.set_phase(Phase::Draining);
+            let terminated = match (&notice, &finished) {
+                (Some(n), _) => n.trigger == Trigger::Terminated,
+                (None, Some(d)) => d.trigger == Trigger::Terminated.name(),
+                (None, None) => false,
+            };
+            let (progress, mut seen) = watch::channel(finished.clone());
+            board.update(|s| s.drain = finished.clone());
+            board.set_phase(if finished.is_some() {
+                Phase::Drained
+            } else {
+                Phase::Draining
+            });
+            // Each step is recorded as it ends: the node stays drained, whatever happens to
+            // this agent, and the next agent knows whether the drain finished.
             let follow = {
                 let board = board.clone();
                 async move {
                     while seen.changed().await.is_ok() {
                         let d = seen.borrow_and_update().clone();
+                        if let Some(Err(e)) = d.as_ref().map(|d| drain::record(&fs, d)) {
+                            warn!("cannot record the drain in {} ({e}): a restarted agent would not know of it", drain::RECORD);
+                        }
                         board.update(|s| s.drain = d);
                     }
                 }
             };
             tokio::join!(
                 async {
-                    drain.run(notice, &progress).await;
-                    board.set_phase(Phase::Drained);
-                    if trigger != Trigger::Terminated {
+                    if let Some(notice) = notice {
+                        drain.run(notice, &progress).await;
+                        board.set_phase(Phase::Drained);
+                    }
+                    if !terminated {
                         drain.complete_when_terminated(imds, poll, &progress).await;
                     }
                     drop(progress);

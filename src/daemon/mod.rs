@@ -132,11 +132,18 @@ pub async fn run(at: &Location, once: bool, logging: &Logging) -> anyhow::Result
     } else {
         // A drain an earlier agent began goes on: nothing is started again.
         let resume = drain::recorded(&fs);
-        if resume {
-            warn!(
+        match &resume {
+            Some(d) if d.done => warn!(
+                record = drain::RECORD,
+                "this node was drained in this boot ({}): starting nothing", d.trigger
+            ),
+            Some(_) => warn!(
                 record = drain::RECORD,
                 "this node was being drained: resuming the drain, starting nothing"
-            );
+            ),
+            None => {}
+        }
+        if resume.is_some() {
             supervisor.suspend_all();
         }
         let standing = lifecycle::Standing {

@@ -40,23 +40,33 @@ pub use crate::config::MANAGED_DRAINING_HOOK;
 /// what is left but this: the foundational tasks' stops and Consul's leave need it.
 pub const FINAL_STEPS: Duration = Duration::from_secs(30);
 
-/// Where a drain is recorded (its trigger), written when it begins: the node stays drained
-/// across agent restarts in this boot. A reboot clears it (a spot `stop` then start, a kernel
-/// update's `reboot`), so a node that comes back boots again instead of staying drained.
+/// Where a drain is recorded — its [`DrainStatus`] as JSON, written when it begins and when it
+/// ends — so the node stays drained across agent restarts in this boot: an agent that finds a
+/// drain under way goes on with it, one that finds it done reports it and runs no step again.
+/// A reboot clears it (a spot `stop` then start, a kernel update's `reboot`), so a node that
+/// comes back boots again instead of staying drained.
 pub const RECORD: &str = "/run/nodeagent/drain";
 /// nodeagent's runtime directory (this boot only; the status socket's default home).
 const RUNTIME_DIR: &str = "/run/nodeagent";
 
-/// Records that a drain began, for an agent that starts while it goes on.
-pub fn record(fs: &dyn HostFs, trigger: Trigger) -> std::io::Result<()> {
+/// Records a drain as it stands, for an agent that starts while it goes on or after it ended.
+pub fn record(fs: &dyn HostFs, drain: &DrainStatus) -> std::io::Result<()> {
     fs.create_dir_all(RUNTIME_DIR, Perms::mode(0o750))?;
-    fs.write_atomic(RECORD, trigger.name().as_bytes(), Perms::mode(0o644))
+    let json = serde_json::to_vec(drain).map_err(std::io::Error::other)?;
+    fs.write_atomic(RECORD, &json, Perms::mode(0o644))
         .map(|_| ())
 }
 
-/// Whether a drain began in this boot.
-pub fn recorded(fs: &dyn HostFs) -> bool {
-    fs.read(RECORD).ok().flatten().is_some()
+/// The drain that began in this boot, if one did; a record that does not parse (an older
+/// agent's: the trigger's name) is a drain under way.
+pub fn recorded(fs: &dyn HostFs) -> Option<DrainStatus> {
+    let bytes = fs.read(RECORD).ok().flatten()?;
+    Some(
+        serde_json::from_slice(&bytes).unwrap_or_else(|_| DrainStatus {
+            trigger: String::from_utf8_lossy(&bytes).trim().to_string(),
+            ..DrainStatus::default()
+        }),
+    )
 }
 
 /// The application tasks are checked this often while the drain waits for them.
