@@ -1,7 +1,14 @@
 //! AWS plumbing shared by the EC2, ECS and Auto Scaling boundaries: owns the SDK configuration
 //! (region, endpoint, credentials chain, timeouts), what a failed call means ([`AwsError`]),
-//! the one retry policy every AWS call of nodeagent goes through ([`retry_until`]) and the
-//! per-operation call accounting ([`AwsCalls`]).
+//! the retry policy of AWS calls ([`retry_until`]: full jitter from [`RETRY_BASE`] to
+//! [`RETRY_CAP`] until a deadline) and the per-operation call accounting ([`AwsCalls`]).
+//!
+//! Every AWS call is retried until a deadline of its own (the README's table lists each):
+//! through [`retry_until`] (the tags read, the drain's steps, the look for a task a lost
+//! `StartTask` may have started), or in a loop with the same backoff where a retry needs more
+//! than the same call again (Consul-server discovery, which also waits for a server to appear;
+//! `StartTask`, which looks before it starts again); the standing loops (the readiness
+//! attribute, self-healing) retry until they succeed, and the reconcile at its next interval.
 //!
 //! Region: `AWS_REGION`/`AWS_DEFAULT_REGION` when set, else the region IMDS reported.
 //! Endpoint and credentials: the SDK's standard sources (`AWS_ENDPOINT_URL`, environment,
@@ -10,8 +17,8 @@
 //! Retries: the SDK's own are OFF (one attempt per `send`), chosen on purpose over both its
 //! `standard` and `adaptive` modes. ECS and EC2 throttle per account and region — every node
 //! of a fleet shares one bucket — so what matters is that a throttled node backs off with full
-//! jitter for as long as its phase allows, not for the SDK's 3 attempts: [`retry_until`] keeps
-//! going until the phase's own deadline (`consul.discovery_timeout`, `ecs.start_timeout`, …).
+//! jitter for as long as its phase allows, not for the SDK's 3 attempts: the retries go on
+//! until the phase's own deadline (`consul.discovery_timeout`, `ecs.start_timeout`, …).
 //! Every attempt is then one counted call (the accounting, the metrics and the fleet benchmark
 //! see the truth); and a `StartTask` whose answer was lost is never resent blindly (ECS's
 //! `StartTask` takes no client token): its caller looks first ([`FailureKind::Lost`]).

@@ -1,7 +1,7 @@
 //! The boot sequence end to end: the real binary against moto, the IMDSv2 fixture and the ECS
 //! agent fixture (see tests/README.md).
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -200,7 +200,7 @@ async fn an_agent_in_another_cluster_is_an_error() {
     std::fs::write(
         &wrong,
         format!(
-            "cluster = \"elsewhere\"\n[ecs]\nintrospection_url = \"{}\"\nconfig_path = \"/etc/ecs/other.config\"\nagent_timeout = \"5s\"\n",
+            "cluster = \"elsewhere\"\n[ecs]\nintrospection_url = \"{}\"\nconfig_path = \"/opt/ecs/other.config\"\nagent_timeout = \"5s\"\n",
             world.info.agent_url
         ),
     )
@@ -381,9 +381,9 @@ async fn hostile_tag_and_metadata_values_render_literally() {
     let lit = |s: &str| toml::Value::String(s.to_string()).to_string();
     let extra = format!(
         "[consul]\nserver_tag = {{ key = \"Name\", value = {v} }}\ndatacenter = {v}\n[vars]\nnote = {v}\n\
-         [tasks.linkerd.files.\"/etc/out/all.json\"]\ntemplate = \"/etc/nodeagent/templates/all.json\"\nmode = \"0600\"\n\
-         [tasks.linkerd.files.\"/etc/out/all.yaml\"]\ntemplate = \"/etc/nodeagent/templates/all.yaml\"\nmode = \"0600\"\n\
-         [tasks.linkerd.files.\"/etc/out/all.sh\"]\ntemplate = \"/etc/nodeagent/templates/all.sh\"\nmode = \"0700\"\n",
+         [tasks.linkerd.files.\"/opt/out/all.json\"]\ntemplate = \"/etc/nodeagent/templates/all.json\"\nmode = \"0600\"\n\
+         [tasks.linkerd.files.\"/opt/out/all.yaml\"]\ntemplate = \"/etc/nodeagent/templates/all.yaml\"\nmode = \"0600\"\n\
+         [tasks.linkerd.files.\"/opt/out/all.sh\"]\ntemplate = \"/etc/nodeagent/templates/all.sh\"\nmode = \"0700\"\n",
         v = lit(hostile)
     );
     let out = world.run_once(&world.config(&extra));
@@ -398,19 +398,19 @@ async fn hostile_tag_and_metadata_values_render_literally() {
         .map(|ip| ip.to_string())
         .collect();
 
-    let json: serde_json::Value = serde_json::from_str(&world.read("/etc/out/all.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&world.read("/opt/out/all.json")).unwrap();
     assert_eq!(json["instance"]["availability_zone"], hostile);
     assert_eq!(json["instance"]["instance_type"], hostile);
     assert_eq!(json["tag"]["value"], hostile);
     assert_eq!(json["dc"], hostile);
     assert_eq!(json["note"], hostile);
 
-    let yaml: serde_yaml::Value = serde_yaml::from_str(&world.read("/etc/out/all.yaml")).unwrap();
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&world.read("/opt/out/all.yaml")).unwrap();
     for key in ["az", "type", "tag", "note"] {
         assert_eq!(yaml[key].as_str(), Some(hostile), "{key}");
     }
 
-    let sh = world.read("/etc/out/all.sh");
+    let sh = world.read("/opt/out/all.sh");
     let words = shlex::split(sh.strip_prefix("#!/bin/sh\n").unwrap()).unwrap();
     let mut expected = vec![
         "printf".to_string(),

@@ -2,7 +2,7 @@
 //! precedence with every layer present, `config show` naming each key's layer, and
 //! `nodeagent render --facts` writing exactly what `run` writes for the same facts.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;

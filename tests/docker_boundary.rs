@@ -3,7 +3,7 @@
 //! stops it by PID when it ends. An engine that cannot be started fails the test loudly:
 //! nothing here skips, and nothing is mocked.
 
-mod support;
+use crate::support;
 
 use bollard::models::ContainerCreateBody;
 use bollard::query_parameters::CommitContainerOptions;

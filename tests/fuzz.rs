@@ -159,6 +159,16 @@ proptest! {
     }
 }
 
+/// Whether `value` is one of the document's strings.
+fn holds(doc: &serde_yaml::Value, value: &str) -> bool {
+    match doc {
+        serde_yaml::Value::String(s) => s == value,
+        serde_yaml::Value::Sequence(items) => items.iter().any(|v| holds(v, value)),
+        serde_yaml::Value::Mapping(m) => m.values().any(|v| holds(v, value)),
+        _ => false,
+    }
+}
+
 fn facts(value: &str) -> InstanceFacts {
     InstanceFacts {
         instance_id: value.to_string(),
@@ -217,6 +227,10 @@ proptest! {
         prop_assert_eq!(consul["datacenter"].as_str(), Some(value.as_str()));
         prop_assert_eq!(consul["node_name"].as_str(), Some(value.as_str()));
         prop_assert_eq!(consul["retry_join"][0].as_str(), Some(value.as_str()));
+        // And valid YAML that holds it.
+        let linkerd: serde_yaml::Value =
+            serde_yaml::from_str(&files["/etc/linkerd/linkerd.yaml"]).expect("valid YAML");
+        prop_assert!(holds(&linkerd, &value), "{:?} not in {:?}", value, linkerd);
     }
 }
 

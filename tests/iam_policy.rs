@@ -8,7 +8,7 @@
 
 use std::collections::BTreeSet;
 
-mod support;
+use crate::support;
 
 /// `describe_auto_scaling_instances` → `DescribeAutoScalingInstances`.
 fn pascal(snake: &str) -> String {

@@ -1,7 +1,7 @@
 //! The baked-identity guard: `nodeagent prepare-image` (last step of the AMI build) and the
 //! first-boot check in `nodeagent prepare`.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::Path;

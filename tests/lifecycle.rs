@@ -6,7 +6,7 @@
 //! on the engine's clock around the Consul stand-in's leave, and a drained node that stays
 //! drained when its agent restarts.
 
-mod support;
+use crate::support;
 
 use std::net::TcpListener;
 use std::process::Command;

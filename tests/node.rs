@@ -4,7 +4,7 @@
 //! in a network namespace of its own (the stand-ins listen on the real ports). Assertions read
 //! `nodeagent status --json`, the engine and the files on disk — not nodeagent's log.
 
-mod support;
+use crate::support;
 
 use std::os::unix::fs::MetadataExt;
 use std::time::Duration;

@@ -5,7 +5,7 @@
 //! watchdog withheld while the supervision loop is stuck), and native journal entries on a test
 //! journal socket. A boot waiting on a late ECS agent needs no engine: the ECS runtime alone.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;

@@ -4,7 +4,7 @@
 //! container that carries the node's labels but was not made by nodeagent is stopped; the
 //! status socket survives thousands of half-open connections and hostile requests.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::os::unix::fs::{symlink, FileTypeExt, MetadataExt};

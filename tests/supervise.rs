@@ -7,7 +7,7 @@
 //! - the ECS runtime against moto: tasks stopped in ECS, adoption of ECS tasks, a dead
 //!   container of an ECS task.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 use support::agent::Agent;

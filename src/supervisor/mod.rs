@@ -26,7 +26,7 @@ mod slot;
 mod tests;
 
 use crate::config::Supervision;
-use crate::retry::jitter;
+use crate::retry::{jitter, FullJitter};
 use crate::runtime::{Exit, Instance, Runtime, RuntimeEvent};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
@@ -46,6 +46,8 @@ use tracing::{debug, info, info_span, warn, Instrument};
 const FIRST_PROBES: Duration = Duration::from_millis(250);
 /// Reconnection to a runtime whose event stream broke backs off from/to these.
 const RECONNECT: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+/// Until the runtime is first listed, listing is tried again from/to these (full jitter).
+const LIST_RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(30));
 
 /// A task's state, in status (`tasks[].state`), logs and metrics as [`State::as_str`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
@@ -205,6 +207,9 @@ pub struct Supervisor {
     stopping: BTreeSet<String>,
     /// Under `Until::AllStarted`, a start that failed ends the run with this error.
     fatal: Option<anyhow::Error>,
+    /// Whether the runtime's instances were listed once: nothing starts before, so an instance
+    /// that already runs (an agent restarted) is adopted, never started a second time.
+    listed: bool,
     until: Until,
     /// Liveness questions ([`Liveness`]), answered by the loop itself.
     pings: mpsc::Receiver<oneshot::Sender<()>>,
@@ -232,6 +237,7 @@ impl Supervisor {
             unclaimed_exits: HashMap::new(),
             stopping: BTreeSet::new(),
             fatal: None,
+            listed: false,
             until: Until::Shutdown,
             pings,
             ping_sender,
@@ -284,8 +290,14 @@ impl Supervisor {
             Ok(stream) => events = Some(stream),
             Err(e) => warn!("runtime events unavailable ({e:#}); will retry"),
         }
-        self.reconcile(&mut jobs).await;
-        let mut next_reconcile = Instant::now() + jitter(self.policy.reconcile_interval);
+        // Until the first listing succeeds it is tried again soon, and nothing starts.
+        let mut list_retry = FullJitter::new(LIST_RETRY.0, LIST_RETRY.1);
+        let mut next_reconcile = Instant::now()
+            + if self.reconcile(&mut jobs).await {
+                jitter(self.policy.reconcile_interval)
+            } else {
+                list_retry.next_delay()
+            };
         loop {
             if let Some(e) = self.fatal.take() {
                 return Err(e);
@@ -303,6 +315,7 @@ impl Supervisor {
                 .iter()
                 .flat_map(|s| {
                     let startable = s.spec.depends_on.iter().all(|d| healthy.contains(d))
+                        && self.listed
                         && !s.busy
                         && !s.suspended
                         && s.instance.is_none();
@@ -343,8 +356,13 @@ impl Supervisor {
                         info!("runtime events reconnected; reconciling");
                         events = Some(stream);
                         reconnect_delay = RECONNECT.0;
-                        self.reconcile(&mut jobs).await;
-                        next_reconcile = Instant::now() + jitter(self.policy.reconcile_interval);
+                        let listed = self.reconcile(&mut jobs).await;
+                        next_reconcile = Instant::now()
+                            + if listed || self.listed {
+                                jitter(self.policy.reconcile_interval)
+                            } else {
+                                list_retry.next_delay()
+                            };
                     }
                     Err(e) => {
                         debug!(error = %format!("{e:#}"), "runtime still unavailable");
@@ -354,8 +372,13 @@ impl Supervisor {
                 }
             }
             if now >= next_reconcile {
-                self.reconcile(&mut jobs).await;
-                next_reconcile = Instant::now() + jitter(self.policy.reconcile_interval);
+                let listed = self.reconcile(&mut jobs).await;
+                next_reconcile = Instant::now()
+                    + if listed || self.listed {
+                        jitter(self.policy.reconcile_interval)
+                    } else {
+                        list_retry.next_delay()
+                    };
             }
         }
     }
@@ -373,9 +396,11 @@ impl Supervisor {
     fn schedule(&mut self, jobs: &mut JoinSet<Job>) {
         let now = Instant::now();
         let healthy = self.healthy_names();
+        let listed = self.listed;
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let deps_ready = slot.spec.depends_on.iter().all(|d| healthy.contains(d));
             if slot.instance.is_none()
+                && listed
                 && !slot.busy
                 && !slot.suspended
                 && slot.next_start.is_some_and(|t| t <= now)

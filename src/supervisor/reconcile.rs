@@ -11,14 +11,20 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 impl Supervisor {
-    pub(super) async fn reconcile(&mut self, jobs: &mut JoinSet<Job>) {
+    /// `false` when the runtime could not be listed (nothing else is done).
+    pub(super) async fn reconcile(&mut self, jobs: &mut JoinSet<Job>) -> bool {
         let instances = match self.runtime.instances().await {
             Ok(list) => list,
             Err(e) => {
-                warn!("cannot list the tasks' instances ({e:#}); will retry");
-                return;
+                if self.listed {
+                    warn!("cannot list the tasks' instances ({e:#}); will retry");
+                } else {
+                    warn!("cannot list the tasks' instances ({e:#}): nothing starts until they are listed (what runs already is adopted, not started again); retrying");
+                }
+                return false;
             }
         };
+        self.listed = true;
         let mut seen: BTreeMap<String, Vec<Instance>> = BTreeMap::new();
         for inst in instances {
             seen.entry(inst.task.clone()).or_default().push(inst);
@@ -87,5 +93,6 @@ impl Supervisor {
                 self.stop_in_job(None, inst, jobs);
             }
         }
+        true
     }
 }

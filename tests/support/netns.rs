@@ -27,14 +27,20 @@ fn again(name: &str) -> Command {
 
 const NEEDS: &str = "run unshare (util-linux): these tests need network namespaces (root)";
 
-/// Call first in a test, with the test's name: `false` in the test as cargo started it (the
+/// Call first in a test, with the test's function name: `false` in the test as cargo started it (the
 /// test has then run, and passed, in its own namespace: return), `true` inside (go on).
 pub fn enter(test: &str) -> bool {
     if std::env::var_os(INSIDE).is_some() {
         return true;
     }
+    // The test's full path (`module::name`) is its thread's name under libtest.
+    let current = std::thread::current();
+    let full = current
+        .name()
+        .filter(|n| n.rsplit("::").next() == Some(test))
+        .unwrap_or(test);
     let out = again(test)
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .args([full, "--exact", "--nocapture", "--test-threads=1"])
         .output()
         .expect(NEEDS);
     let stdout = String::from_utf8_lossy(&out.stdout);

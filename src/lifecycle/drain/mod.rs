@@ -12,6 +12,7 @@
 //!    without waiting for the hook's timeout.
 
 use crate::asg::AutoScaling;
+use crate::aws::{failure_kind, retry_until, FailureKind};
 use crate::consul::ConsulAgent;
 use crate::ecs::ContainerInstance;
 use crate::hostfs::{HostFs, Perms};
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 #[cfg(test)]
 mod tests;
@@ -171,11 +172,18 @@ impl Drain {
             (Some(hook), Trigger::Terminated) => hook,
             _ => return std::future::pending().await,
         };
+        // Looked up for as long as the drain may wait for the application tasks.
+        let until = Instant::now() + self.tasks_timeout;
         let timeout = async {
-            let group = self.asg.group_of(&self.instance_id).await?.ok_or_else(|| {
-                anyhow::anyhow!("{} is in no autoscaling group", self.instance_id)
-            })?;
-            let timeout = self.asg.heartbeat_timeout(&group, hook).await?;
+            let group = retry_until("finding this instance's autoscaling group", until, || {
+                self.asg.group_of(&self.instance_id)
+            })
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("{} is in no autoscaling group", self.instance_id))?;
+            let timeout = retry_until("reading the lifecycle hook", until, || {
+                self.asg.heartbeat_timeout(&group, hook)
+            })
+            .await?;
             anyhow::Ok(timeout.map(|t| (group, t)))
         };
         let (group, timeout) = match timeout.await {
@@ -192,11 +200,11 @@ impl Drain {
         let every = (timeout / 2).max(Duration::from_secs(1));
         loop {
             tokio::time::sleep(every).await;
-            match self
-                .asg
-                .record_heartbeat(&group, hook, &self.instance_id)
-                .await
-            {
+            // Retried until the next one is due: the hook must not lapse for one throttle.
+            let heartbeat = retry_until("a lifecycle heartbeat", Instant::now() + every, || {
+                self.asg.record_heartbeat(&group, hook, &self.instance_id)
+            });
+            match heartbeat.await {
                 Ok(()) => {
                     info!(hook = %hook, "drain: lifecycle hook {group}/{hook} kept waiting (heartbeat timeout {timeout:?})")
                 }
@@ -228,8 +236,14 @@ impl Drain {
             .await;
         }
         if let Some(ci) = &self.container_instance {
-            self.step(progress, "container instance DRAINING", bounded(), async {
-                self.ecs.set_draining(&self.cluster, ci).await?;
+            let limit = bounded();
+            self.step(progress, "container instance DRAINING", limit, async {
+                retry_until(
+                    "setting the container instance DRAINING",
+                    Instant::now() + limit,
+                    || self.ecs.set_draining(&self.cluster, ci),
+                )
+                .await?;
                 Ok(ci.clone())
             })
             .await;
@@ -252,10 +266,18 @@ impl Drain {
                 async {
                     let mut last = usize::MAX;
                     loop {
-                        let left: Vec<String> = self
-                            .ecs
-                            .tasks_not_stopped(&self.cluster, ci)
-                            .await?
+                        // A throttled or failed look is looked again: a whole group scaling
+                        // in is when AWS throttles, and the step's budget bounds the wait.
+                        let tasks = match self.ecs.tasks_not_stopped(&self.cluster, ci).await {
+                            Ok(tasks) => tasks,
+                            Err(e) if retryable(&e) => {
+                                debug!(error = %format!("{e:#}"), "drain: cannot see the application tasks yet; looking again");
+                                tokio::time::sleep(jitter(TASKS_POLL)).await;
+                                continue;
+                            }
+                            Err(e) => return Err(e),
+                        };
+                        let left: Vec<String> = tasks
                             .into_iter()
                             .filter(|t| t.started_by.as_deref() != Some(self.started_by.as_str()))
                             .map(|t| format!("{} ({})", t.arn, t.last_status))
@@ -338,12 +360,19 @@ impl Drain {
             "complete lifecycle action",
             self.step_timeout,
             async {
-                let group = self.asg.group_of(&self.instance_id).await?.ok_or_else(|| {
+                let until = Instant::now() + self.step_timeout;
+                let group = retry_until("finding this instance's autoscaling group", until, || {
+                    self.asg.group_of(&self.instance_id)
+                })
+                .await?
+                .ok_or_else(|| {
                     anyhow::anyhow!("{} is in no autoscaling group", self.instance_id)
                 })?;
-                self.asg
-                    .complete_lifecycle_action(&group, hook, &self.instance_id)
-                    .await?;
+                retry_until("completing the lifecycle action", until, || {
+                    self.asg
+                        .complete_lifecycle_action(&group, hook, &self.instance_id)
+                })
+                .await?;
                 Ok(format!("{group}/{hook} CONTINUE"))
             },
         )
@@ -394,6 +423,14 @@ impl Drain {
             }
         });
     }
+}
+
+/// Whether an error is worth another try: AWS throttled, failed or lost the answer.
+fn retryable(e: &anyhow::Error) -> bool {
+    matches!(
+        failure_kind(e),
+        Some(FailureKind::Throttled | FailureKind::Transient | FailureKind::Lost)
+    )
 }
 
 /// `wanted`, or less when the instance goes away at `gone_at`: what is left then, less

@@ -20,6 +20,8 @@ struct Peers {
     /// The application tasks never stop.
     stubborn_app: bool,
     heartbeat: Option<Duration>,
+    /// These operations are throttled this many times before they answer.
+    throttled: Mutex<std::collections::BTreeMap<&'static str, u32>>,
 }
 
 impl Peers {
@@ -29,15 +31,36 @@ impl Peers {
     fn said(&self) -> Vec<(Instant, String)> {
         self.log.lock().unwrap().clone()
     }
+    /// Fails `op` as AWS throttles it, while it has throttles left.
+    fn throttle(&self, op: &'static str) -> anyhow::Result<()> {
+        let mut left = self.throttled.lock().unwrap();
+        match left.get_mut(op).filter(|n| **n > 0) {
+            Some(n) => {
+                *n -= 1;
+                self.say(format!("throttled {op}"));
+                Err(crate::aws::AwsError {
+                    op,
+                    kind: crate::aws::FailureKind::Throttled,
+                    code: Some("ThrottlingException".into()),
+                    what: "the node".into(),
+                    message: "Rate exceeded".into(),
+                }
+                .into())
+            }
+            None => Ok(()),
+        }
+    }
 }
 
 #[async_trait]
 impl ContainerInstance for Peers {
     async fn set_draining(&self, _: &str, _: &str) -> anyhow::Result<()> {
+        self.throttle("ecs:UpdateContainerInstancesState")?;
         self.say("DRAINING");
         Ok(())
     }
     async fn tasks_not_stopped(&self, _: &str, _: &str) -> anyhow::Result<Vec<EcsTask>> {
+        self.throttle("ecs:ListTasks")?;
         Ok(if self.stubborn_app {
             vec![EcsTask {
                 arn: "arn:app".into(),
@@ -76,13 +99,16 @@ impl ConsulAgent for Peers {
 #[async_trait]
 impl AutoScaling for Peers {
     async fn group_of(&self, _: &str) -> anyhow::Result<Option<String>> {
+        self.throttle("autoscaling:DescribeAutoScalingInstances")?;
         Ok(Some("g".into()))
     }
     async fn complete_lifecycle_action(&self, _: &str, hook: &str, _: &str) -> anyhow::Result<()> {
+        self.throttle("autoscaling:CompleteLifecycleAction")?;
         self.say(format!("complete {hook}"));
         Ok(())
     }
     async fn record_heartbeat(&self, _: &str, hook: &str, _: &str) -> anyhow::Result<()> {
+        self.throttle("autoscaling:RecordLifecycleActionHeartbeat")?;
         self.say(format!("heartbeat {hook}"));
         Ok(())
     }
@@ -147,7 +173,12 @@ fn spec(name: &str) -> TaskSpec {
     }
 }
 
-async fn drain(peers: Arc<Peers>, hook: Option<&str>, notice: Notice) -> Vec<(Instant, String)> {
+/// Runs a drain against `peers`: what they were asked, and the drain as it ended.
+async fn drain(
+    peers: Arc<Peers>,
+    hook: Option<&str>,
+    notice: Notice,
+) -> (Vec<(Instant, String)>, DrainStatus) {
     let policy = crate::config::from_fragments(&[]).unwrap().supervision;
     let mut sup = Supervisor::new(
         Arc::new(Tasks::default()),
@@ -176,8 +207,9 @@ async fn drain(peers: Arc<Peers>, hook: Option<&str>, notice: Notice) -> Vec<(In
     tokio::time::sleep(Duration::from_secs(1)).await; // the tasks run
     let (progress, _seen) = watch::channel(None);
     drain.run(notice, &progress).await;
-    assert!(progress.borrow().as_ref().unwrap().done);
-    peers.said()
+    let status = progress.borrow().clone().unwrap();
+    assert!(status.done);
+    (peers.said(), status)
 }
 
 /// A spot notice gives two minutes; the drain used to wait `drain_tasks_timeout` (5 min) for
@@ -193,7 +225,7 @@ async fn a_spot_notice_budgets_the_drain_so_consul_leaves_in_time() {
         trigger: Trigger::SpotInterruption,
         gone_at: Some(SystemTime::now() + Duration::from_secs(120)),
     };
-    let said = drain(peers, None, notice).await;
+    let (said, _) = drain(peers, None, notice).await;
     let leave = said
         .iter()
         .find(|(_, w)| w == "leave")
@@ -216,7 +248,7 @@ async fn a_long_drain_keeps_the_hook_alive_and_completes_only_its_own_hook() {
         trigger: Trigger::Terminated,
         gone_at: None,
     };
-    let said = drain(peers, Some("scale-in"), notice).await;
+    let (said, _) = drain(peers, Some("scale-in"), notice).await;
     let words: Vec<&str> = said.iter().map(|(_, w)| w.as_str()).collect();
     let beats = words.iter().filter(|w| **w == "heartbeat scale-in").count();
     assert!(
@@ -227,7 +259,7 @@ async fn a_long_drain_keeps_the_hook_alive_and_completes_only_its_own_hook() {
 
     // Managed draining: ECS's own hook is never nodeagent's to complete.
     let peers = Arc::new(Peers::default());
-    let said = drain(peers, Some(MANAGED_DRAINING_HOOK), notice).await;
+    let (said, _) = drain(peers, Some(MANAGED_DRAINING_HOOK), notice).await;
     let words: Vec<&str> = said.iter().map(|(_, w)| w.as_str()).collect();
     assert!(
         !words.iter().any(|w| w.starts_with("complete")),
@@ -263,4 +295,36 @@ fn the_budget_leaves_room_for_the_final_steps() {
             "never zero"
         );
     });
+}
+
+/// A whole group scaling in is when AWS throttles: a throttled call of the drain is tried
+/// again within its step's budget, never taken for the step's failure (one throttled look at
+/// the application tasks used to end the wait, and Consul left while they still ran).
+#[tokio::test(start_paused = true)]
+async fn a_throttled_drain_call_is_retried_within_its_step() {
+    let peers = Arc::new(Peers {
+        heartbeat: Some(Duration::from_secs(60)),
+        ..Peers::default()
+    });
+    peers.throttled.lock().unwrap().extend([
+        ("ecs:UpdateContainerInstancesState", 3),
+        ("ecs:ListTasks", 5),
+        ("autoscaling:DescribeAutoScalingInstances", 2),
+        ("autoscaling:CompleteLifecycleAction", 2),
+    ]);
+    let notice = Notice {
+        trigger: Trigger::Terminated,
+        gone_at: None,
+    };
+    let (said, status) = drain(peers, Some("scale-in"), notice).await;
+    let words: Vec<&str> = said.iter().map(|(_, w)| w.as_str()).collect();
+    let failed: Vec<&StepResult> = status.steps.iter().filter(|s| !s.ok).collect();
+    assert!(failed.is_empty(), "{failed:?} {words:?}");
+    assert_eq!(
+        words.iter().filter(|w| w.starts_with("throttled")).count(),
+        12,
+        "{words:?}"
+    );
+    assert!(words.contains(&"DRAINING"), "{words:?}");
+    assert_eq!(words.last(), Some(&"complete scale-in"));
 }

@@ -6,7 +6,7 @@ use crate::imds::Imds;
 use crate::retry::jitter;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
-use tracing::{debug, warn};
+use tracing::{info, warn};
 
 /// Why the node drains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,12 +58,17 @@ pub async fn wait_for_trigger(imds: Arc<dyn Imds>, every: Duration, rebalance: b
         trigger,
         gone_at: None,
     };
+    // An instance metadata service that does not answer hides a termination or a spot
+    // notice: said at once, then at most once a minute while it lasts.
+    let mut unseen_since: Option<tokio::time::Instant> = None;
+    let mut said_at: Option<tokio::time::Instant> = None;
     loop {
         tokio::time::sleep(jitter(every)).await;
+        let mut failed = Vec::new();
         match imds.target_lifecycle_state().await {
             Ok(Some(state)) if state.trim() == "Terminated" => return now(Trigger::Terminated),
             Ok(_) => {}
-            Err(e) => debug!(error = %e, "cannot read the autoscaling lifecycle state"),
+            Err(e) => failed.push(format!("autoscaling/target-lifecycle-state: {e}")),
         }
         match imds.spot_instance_action().await {
             Ok(Some(notice)) => {
@@ -74,14 +79,31 @@ pub async fn wait_for_trigger(imds: Arc<dyn Imds>, every: Duration, rebalance: b
                 };
             }
             Ok(None) => {}
-            Err(e) => debug!(error = %e, "cannot read the spot instance action"),
+            Err(e) => failed.push(format!("spot/instance-action: {e}")),
         }
         if rebalance {
             match imds.rebalance_recommendation().await {
                 Ok(Some(_)) => return now(Trigger::Rebalance),
                 Ok(None) => {}
-                Err(e) => debug!(error = %e, "cannot read the rebalance recommendation"),
+                Err(e) => failed.push(format!("events/recommendations/rebalance: {e}")),
             }
+        }
+        let at = tokio::time::Instant::now();
+        if failed.is_empty() {
+            if let Some(since) = unseen_since.take() {
+                info!("instance metadata answers again (after {:?}): watching for a termination or a spot notice", at - since);
+            }
+            said_at = None;
+            continue;
+        }
+        let since = *unseen_since.get_or_insert(at);
+        if said_at.is_none_or(|t| at - t >= Duration::from_secs(60)) {
+            said_at = Some(at);
+            warn!(
+                "cannot watch for a termination or a spot notice for {:?}: {}; a drain would start late",
+                at - since,
+                failed.join("; ")
+            );
         }
     }
 }

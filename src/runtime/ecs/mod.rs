@@ -29,7 +29,7 @@ pub use record::PATH as RECORD_PATH;
 
 use super::{Exit, Instance, Runtime, RuntimeEvent};
 use crate::agent::EcsAgent;
-use crate::aws::{failure_kind, FailureKind, RETRY_BASE, RETRY_CAP};
+use crate::aws::{failure_kind, retry_until, FailureKind, RETRY_BASE, RETRY_CAP};
 use crate::docker::{Docker, DockerEvent};
 use crate::ecs::{Ecs, EcsTask, StartOutcome};
 use crate::hostfs::HostFs;
@@ -259,6 +259,23 @@ impl Shared {
         }))
     }
 
+    /// [`Self::find_running`] until it answers or `deadline` (the start's): a start never goes
+    /// on to another `StartTask` without having looked — throttled now, it would start a
+    /// second copy.
+    async fn look_for(
+        &self,
+        task: &str,
+        family: &str,
+        deadline: Instant,
+    ) -> anyhow::Result<Option<EcsTask>> {
+        retry_until(
+            &format!("{task}: looking for a copy of family {family} that runs already"),
+            deadline,
+            || self.find_running(family),
+        )
+        .await
+    }
+
     /// Records a task of ours: on the host first, then in memory.
     fn remember(&self, arn: &str, task: &str) {
         if let Err(e) = lock(&self.record).add(arn, task) {
@@ -369,7 +386,7 @@ impl Runtime for EcsRuntime {
                         .iter()
                         .any(|f| f.reason.starts_with("RESOURCE:PORTS"))
                     {
-                        if let Some(t) = s.find_running(&family).await? {
+                        if let Some(t) = s.look_for(task, &family, deadline).await? {
                             info!(task, arn = %t.arn, "{task}: ECS refused a start for its ports: a copy of ours runs already; adopted it");
                             s.remember(&t.arn, task);
                             return Ok(instance(task, &t.arn));
@@ -382,7 +399,7 @@ impl Runtime for EcsRuntime {
                         // It may have started: look before starting another.
                         warn!(task, "{task}: the answer to StartTask was lost ({e:#}); looking for the task before starting another");
                         tokio::time::sleep(LOST_SETTLE).await;
-                        if let Some(t) = s.find_running(&family).await? {
+                        if let Some(t) = s.look_for(task, &family, deadline).await? {
                             info!(task, arn = %t.arn, "{task}: found the task the lost StartTask started");
                             s.remember(&t.arn, task);
                             return Ok(instance(task, &t.arn));

@@ -26,6 +26,10 @@ pub struct FakeState {
     pub stops: Vec<String>,
     /// Starts of this task fail this many more times.
     pub failing_starts: BTreeMap<String, u32>,
+    /// Listings fail this many more times (an engine or AWS that does not answer yet).
+    pub failing_lists: u32,
+    /// (when, succeeded) of every listing.
+    pub lists: Vec<(Instant, bool)>,
     /// Stops of these instances never return.
     pub hanging_stops: BTreeSet<String>,
     /// A start of this task reports its instance dead before it returns.
@@ -104,7 +108,15 @@ impl FakeState {
 #[async_trait]
 impl Runtime for Fake {
     async fn instances(&self) -> anyhow::Result<Vec<Instance>> {
-        Ok(self.with(|s| s.instances.clone()))
+        self.with(|s| {
+            let fails = s.failing_lists > 0;
+            s.lists.push((Instant::now(), !fails));
+            if fails {
+                s.failing_lists -= 1;
+                anyhow::bail!("ThrottlingException: Rate exceeded");
+            }
+            Ok(s.instances.clone())
+        })
     }
 
     async fn start(&self, task: &str) -> anyhow::Result<Instance> {

@@ -297,6 +297,39 @@ async fn running_instances_are_adopted_and_duplicates_and_strays_stopped() {
     assert!(stops.contains(&twin.to_string()), "the duplicate");
 }
 
+/// After an agent restart the first listing may fail (AWS throttles, the engine is not up):
+/// starting anyway would start a second copy of what runs. Nothing starts until a listing
+/// succeeds; it is retried soon (backoff), not at the next reconcile interval.
+#[tokio::test(start_paused = true)]
+async fn nothing_starts_before_the_first_listing_and_what_runs_is_adopted() {
+    let (fake, health) = fresh();
+    fake.running("consul-agent", "consul-old");
+    fake.with(|s| s.failing_lists = 4);
+    let mut r = supervise(
+        fake,
+        health,
+        policy(),
+        vec![spec("consul-agent", &[], true)],
+    );
+    r.all_healthy().await;
+    assert!(r.task("consul-agent").adopted);
+    assert!(
+        r.fake.starts_of("consul-agent").is_empty(),
+        "no second copy"
+    );
+    let lists = r.fake.with(|s| s.lists.clone());
+    let first_ok = lists.iter().find(|(_, ok)| *ok).unwrap().0;
+    assert_eq!(
+        lists.iter().take_while(|(_, ok)| !ok).count(),
+        4,
+        "{lists:?}"
+    );
+    assert!(
+        first_ok - lists[0].0 < policy().reconcile_interval,
+        "retried sooner than the reconcile interval: {lists:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_exit_reported_before_its_start_is_claimed_when_the_start_lands() {
     let (fake, health) = fresh();
