@@ -314,10 +314,11 @@ fn ms(d: Duration) -> f64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn task(name: &str, state: State, restarts: u64) -> Task {
+    /// A task row as the board shows it (for the status tests).
+    pub(crate) fn task(name: &str, state: State, restarts: u64) -> Task {
         Task {
             name: name.into(),
             runtime: "docker".into(),

@@ -189,19 +189,8 @@ fn human_ms(ms: f64) -> String {
 mod tests {
     use super::*;
     use crate::phase::Phase;
-    use crate::status::rfc3339;
-    use crate::status::{Exit, File, Task};
-
-    fn task(name: &str, state: State, restarts: u64) -> Task {
-        Task {
-            name: name.into(),
-            runtime: "docker".into(),
-            state,
-            since: rfc3339(SystemTime::now()),
-            restarts,
-            ..Task::default()
-        }
-    }
+    use crate::status::tests::task;
+    use crate::status::{Exit, File};
 
     #[test]
     fn the_table_has_a_row_per_task_and_file() {

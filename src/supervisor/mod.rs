@@ -292,12 +292,7 @@ impl Supervisor {
         }
         // Until the first listing succeeds it is tried again soon, and nothing starts.
         let mut list_retry = FullJitter::new(LIST_RETRY.0, LIST_RETRY.1);
-        let mut next_reconcile = Instant::now()
-            + if self.reconcile(&mut jobs).await {
-                jitter(self.policy.reconcile_interval)
-            } else {
-                list_retry.next_delay()
-            };
+        let mut next_reconcile = self.reconcile_then(&mut jobs, &mut list_retry).await;
         loop {
             if let Some(e) = self.fatal.take() {
                 return Err(e);
@@ -356,13 +351,7 @@ impl Supervisor {
                         info!("runtime events reconnected; reconciling");
                         events = Some(stream);
                         reconnect_delay = RECONNECT.0;
-                        let listed = self.reconcile(&mut jobs).await;
-                        next_reconcile = Instant::now()
-                            + if listed || self.listed {
-                                jitter(self.policy.reconcile_interval)
-                            } else {
-                                list_retry.next_delay()
-                            };
+                        next_reconcile = self.reconcile_then(&mut jobs, &mut list_retry).await;
                     }
                     Err(e) => {
                         debug!(error = %format!("{e:#}"), "runtime still unavailable");
@@ -372,15 +361,25 @@ impl Supervisor {
                 }
             }
             if now >= next_reconcile {
-                let listed = self.reconcile(&mut jobs).await;
-                next_reconcile = Instant::now()
-                    + if listed || self.listed {
-                        jitter(self.policy.reconcile_interval)
-                    } else {
-                        list_retry.next_delay()
-                    };
+                next_reconcile = self.reconcile_then(&mut jobs, &mut list_retry).await;
             }
         }
+    }
+
+    /// Reconciles; returns when the next reconcile is due: after the interval, or soon while
+    /// the runtime was never listed.
+    async fn reconcile_then(
+        &mut self,
+        jobs: &mut JoinSet<Job>,
+        list_retry: &mut FullJitter,
+    ) -> Instant {
+        self.reconcile(jobs).await;
+        Instant::now()
+            + if self.listed {
+                jitter(self.policy.reconcile_interval)
+            } else {
+                list_retry.next_delay()
+            }
     }
 
     /// The tasks that are healthy now.

@@ -11,8 +11,8 @@ use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 impl Supervisor {
-    /// `false` when the runtime could not be listed (nothing else is done).
-    pub(super) async fn reconcile(&mut self, jobs: &mut JoinSet<Job>) -> bool {
+    /// Does nothing more when the runtime cannot be listed.
+    pub(super) async fn reconcile(&mut self, jobs: &mut JoinSet<Job>) {
         let instances = match self.runtime.instances().await {
             Ok(list) => list,
             Err(e) => {
@@ -21,7 +21,7 @@ impl Supervisor {
                 } else {
                     warn!("cannot list the tasks' instances ({e:#}): nothing starts until they are listed (what runs already is adopted, not started again); retrying");
                 }
-                return false;
+                return;
             }
         };
         self.listed = true;
@@ -93,6 +93,5 @@ impl Supervisor {
                 self.stop_in_job(None, inst, jobs);
             }
         }
-        true
     }
 }
