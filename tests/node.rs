@@ -158,9 +158,10 @@ fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
         .lines()
         .find_map(|l| l.strip_prefix("STATUS="))
         .unwrap_or_default();
+    // (How far its restarts got by then depends on the machine's load.)
     assert!(
-        status.starts_with("degraded: 0/3 tasks healthy; consul-agent crash-loop"),
-        "READY as a degraded node, naming the failing task: {ready}"
+        status.starts_with("degraded: 0/3 tasks healthy; consul-agent "),
+        "READY as a degraded node, naming the failing task first: {ready}"
     );
     let before_ready = listener.texts();
     assert!(
@@ -171,6 +172,14 @@ fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
     );
 
     // Why: the task, its last exit and what it wrote.
+    wait_for(
+        Duration::from_secs(60),
+        "consul-agent in crash-loop",
+        || {
+            node.task("consul-agent")
+                .is_some_and(|t| t["state"] == "crash-loop")
+        },
+    );
     let out = node.nodeagent(&["status"]);
     assert_eq!(out.status.code(), Some(1));
     let table = String::from_utf8_lossy(&out.stdout);

@@ -296,20 +296,24 @@ fn a_container_with_the_nodes_labels_that_nodeagent_did_not_make_is_stopped() {
     let foreign = stdout(&out).trim().to_string();
     let agent = node.run("agent");
     wait_for(BOOT, "the node to be healthy", || node.healthy());
-    let ours = node.container("linkerd").expect("linkerd runs");
-    assert_ne!(ours, foreign, "the foreign container is not adopted");
     wait_for(BOOT, "the foreign container to be stopped", || {
         node.engine
             .cli(&["inspect", "-f", "{{.State.Running}}", &foreign])
             .trim()
             != "true"
     });
+    let linkerd: Vec<String> = node
+        .containers()
+        .into_iter()
+        .filter(|(t, _)| t == "linkerd")
+        .map(|(_, id)| id)
+        .collect();
+    assert_eq!(linkerd.len(), 1, "{linkerd:?}");
+    assert_ne!(linkerd[0], foreign, "the foreign container is not adopted");
     assert_eq!(
-        node.containers()
-            .iter()
-            .filter(|(t, _)| t == "linkerd")
-            .count(),
-        1
+        node.task("linkerd").unwrap()["instance"].as_str(),
+        Some(linkerd[0].as_str()),
+        "the node's linkerd is the one nodeagent made"
     );
     let log = agent.log();
     assert!(
