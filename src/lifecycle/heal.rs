@@ -46,7 +46,7 @@ impl SelfHeal {
             };
             tokio::select! {
                 changed = tasks.changed() => if changed.is_err() { return },
-                _ = sleep_until(wake) => {}
+                _ = super::sleep_until(wake) => {}
             }
         };
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -76,13 +76,6 @@ impl SelfHeal {
                 }
             }
         }
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 

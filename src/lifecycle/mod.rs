@@ -5,3 +5,11 @@
 pub mod drain;
 pub mod heal;
 pub mod ready;
+
+/// Sleeps until `at`; forever when there is nothing to wake for.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

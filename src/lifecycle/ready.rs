@@ -95,7 +95,7 @@ impl ReadinessGate {
             tokio::select! {
                 changed = tasks.changed() => if changed.is_err() { return },
                 _ = withdrawn.changed() => {}
-                _ = sleep_until(wake) => {}
+                _ = super::sleep_until(wake) => {}
             }
         }
     }
@@ -110,13 +110,6 @@ impl ReadinessGate {
             warn!(attribute = %name, container_instance = %ci, grace = ?self.grace, "the node stayed degraded: removed {name}, no new application tasks land here");
         }
         Ok(())
-    }
-}
-
-async fn sleep_until(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
