@@ -2,8 +2,10 @@
 //! service.
 //!
 //! [`AwsImds`] is aws-config's IMDS client: it fetches a session token with `PUT
-//! /latest/api/token`, caches it, fetches a new one when IMDS answers 401, applies per-attempt
-//! timeouts and retries server errors and timeouts with jittered backoff. It honours
+//! /latest/api/token`, caches it until its TTL, applies per-attempt timeouts and retries server
+//! errors and timeouts with jittered backoff. aws-config keeps a cached token until its TTL ends
+//! even when IMDS no longer accepts it (401), so on a 401 [`AwsImds`] replaces the client — a new
+//! token — and asks once more. It honours
 //! `AWS_EC2_METADATA_SERVICE_ENDPOINT`. It never falls back to IMDSv1. Like Bottlerocket's
 //! imdsclient, each item has a typed method, a 404 is `None` and every error names the path.
 
@@ -110,16 +112,26 @@ pub trait Imds: Send + Sync {
     }
 }
 
-/// aws-config's IMDSv2 client.
-#[derive(Debug, Clone)]
+/// aws-config's IMDSv2 client, replaced when IMDS refuses its token.
+#[derive(Debug)]
 pub struct AwsImds {
-    client: aws_config::imds::Client,
+    client: std::sync::Mutex<aws_config::imds::Client>,
     endpoint: String,
 }
 
 impl AwsImds {
     pub fn new() -> Self {
-        let client = aws_config::imds::Client::builder()
+        let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
+            .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());
+        AwsImds {
+            client: std::sync::Mutex::new(Self::client()),
+            endpoint,
+        }
+    }
+
+    /// A client with an empty token cache.
+    fn client() -> aws_config::imds::Client {
+        aws_config::imds::Client::builder()
             // Boot-time IMDS can be briefly unreachable: retry timeouts too, not only 5xx/401.
             .retry_classifier(SharedRetryClassifier::new(
                 ImdsResponseRetryClassifier::default().with_retry_connect_timeouts(true),
@@ -132,10 +144,14 @@ impl AwsImds {
             .operation_attempt_timeout(Duration::from_secs(6))
             // Bounds the whole item, token fetches and retries included.
             .operation_timeout(Duration::from_secs(20))
-            .build();
-        let endpoint = std::env::var("AWS_EC2_METADATA_SERVICE_ENDPOINT")
-            .unwrap_or_else(|_| DEFAULT_ENDPOINT.to_string());
-        AwsImds { client, endpoint }
+            .build()
+    }
+
+    fn current(&self) -> aws_config::imds::Client {
+        self.client
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -148,7 +164,20 @@ impl Default for AwsImds {
 #[async_trait]
 impl Imds for AwsImds {
     async fn get(&self, path: &str) -> Result<Option<String>, ImdsError> {
-        match self.client.get(path).await {
+        let mut answer = self.current().get(path).await;
+        if matches!(&answer, Err(SdkImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 401)
+        {
+            // IMDS no longer takes the cached token (aws-config retried with it): a new client
+            // asks for a new one.
+            tracing::debug!(
+                path,
+                "IMDS refused the session token (401): fetching a new one"
+            );
+            let fresh = Self::client();
+            *self.client.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+            answer = fresh.get(path).await;
+        }
+        match answer {
             Ok(value) => Ok(Some(value.as_ref().to_string())),
             Err(SdkImdsError::ErrorResponse(r)) if r.response().status().as_u16() == 404 => {
                 Ok(None)

@@ -9,6 +9,7 @@ mod boot;
 mod config_check;
 mod config_layers;
 mod docker_boundary;
+mod faults;
 mod fuzz;
 mod iam_policy;
 mod image;

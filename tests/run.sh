@@ -13,6 +13,7 @@ bash tests/world/systemd-root.sh >/dev/null  # a Debian root with systemd (deboo
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 cargo test --locked
+bash tests/soak.sh 180                   # the chaos soak, 3 minutes (an hour: tests/soak.sh 3600)
 bash tests/units.sh                      # systemd-analyze verify + security exposure (<= 5.0)
 bash tests/packages.sh                   # release build, .deb and RPM, their file lists
 bash tests/systemd-boot.sh               # the .deb in a Debian root booted by systemd, against the world

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod docker;
+pub mod faults;
 pub mod netns;
 pub mod node;
 pub mod notify;
@@ -311,15 +312,24 @@ pub fn transcript(out: &Output) -> String {
 
 /// The one way tests wait: polls `cond` every 50 ms for up to `limit`; panics naming `what`
 /// when it never holds.
-pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_for(limit: Duration, what: &str, cond: impl FnMut() -> bool) {
+    assert!(
+        eventually(limit, cond),
+        "timed out after {limit:?} waiting for {what}"
+    );
+}
+
+/// Polls `cond` every 50 ms for up to `limit`; whether it held (for a caller that explains a
+/// timeout itself).
+pub fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = std::time::Instant::now() + limit;
-    while !cond() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out after {limit:?} waiting for {what}"
-        );
+    while std::time::Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    cond()
 }
 
 /// [`wait_for`] in an async test: `cond` is awaited every 100 ms for up to `limit`.

@@ -4,7 +4,10 @@
 //!
 //! Tasks are started with `startedBy = nodeagent/<instance-id>`; our instances are the tasks on
 //! this container instance with that `startedBy`, found with `ListTasks` (desired status
-//! RUNNING) and `DescribeTasks`. What is known about an ARN is remembered, so a healthy steady
+//! RUNNING) and the local ECS agent's `GET /v1/tasks` (which knows a task as soon as it is
+//! handed to this instance, its `StartTask` answer perhaps lost with a killed agent), then
+//! `DescribeTasks`; a task of one of our families the local agent runs and ECS cannot describe
+//! yet counts as ours, starting. What is known about an ARN is remembered, so a healthy steady
 //! state costs one `ListTasks` per reconcile even with application tasks on the node.
 //!
 //! Never "gone" from absence: `ListTasks` may not list a task for a while after `StartTask`.
@@ -179,15 +182,15 @@ impl Shared {
         Ok(tasks.first().is_none_or(|t| !live(t)))
     }
 
-    /// The ARNs the local agent runs (not stopped), if it answers.
-    async fn local(&self) -> Option<BTreeSet<String>> {
+    /// The tasks the local agent runs (not stopped), ARN to family, if it answers.
+    async fn local(&self) -> Option<BTreeMap<String, String>> {
         let agent = self.agent.as_ref()?;
         match agent.tasks().await {
             Ok(tasks) => Some(
                 tasks
                     .into_iter()
                     .filter(|t| t.live())
-                    .map(|t| t.arn)
+                    .map(|t| (t.arn, t.family))
                     .collect(),
             ),
             Err(e) => {
@@ -197,18 +200,10 @@ impl Shared {
         }
     }
 
-    /// Of ours that `ListTasks` left out, those that are still live: known to the local agent,
-    /// live in `DescribeTasks`, or started less than [`SETTLING`] ago and known to neither yet.
-    async fn still_live(&self, missing: Vec<String>) -> anyhow::Result<BTreeSet<String>> {
-        let local = self.local().await.unwrap_or_default();
-        let (mut live_now, rest): (BTreeSet<String>, Vec<String>) = {
-            let (l, r): (Vec<String>, Vec<String>) =
-                missing.into_iter().partition(|a| local.contains(a));
-            (l.into_iter().collect(), r)
-        };
-        if rest.is_empty() {
-            return Ok(live_now);
-        }
+    /// Of ours that neither `ListTasks` nor the local agent shows, those that are still live:
+    /// live in `DescribeTasks`, or started less than [`SETTLING`] ago and unknown to ECS yet.
+    async fn still_live(&self, rest: Vec<String>) -> anyhow::Result<BTreeSet<String>> {
+        let mut live_now = BTreeSet::new();
         let described = self.ecs.describe_tasks(&self.cluster, &rest).await?;
         let record = lock(&self.record);
         for arn in rest {
@@ -236,7 +231,14 @@ impl Shared {
     /// A live task of ours of `family` that runs already, if ECS or the local agent shows one
     /// (a `StartTask` whose answer was lost, a copy holding the ports).
     async fn find_running(&self, family: &str) -> anyhow::Result<Option<EcsTask>> {
-        let mut candidates: BTreeSet<String> = self.local().await.unwrap_or_default();
+        let mut candidates: BTreeSet<String> = self
+            .local()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|(_, f)| f == family)
+            .map(|(arn, _)| arn)
+            .collect();
         candidates.extend(
             self.ecs
                 .running_tasks_of(
@@ -306,17 +308,21 @@ impl Runtime for EcsRuntime {
             .ecs
             .list_running_tasks(&s.cluster, &s.container_instance)
             .await?;
-        let listed_set: BTreeSet<&String> = listed.iter().collect();
+        // The local agent knows a task as soon as ECS hands it over, `ListTasks` perhaps much
+        // later: a task a killed agent started (its StartTask answer lost with it) is seen
+        // here, so it is adopted, not started again.
+        let local = s.local().await.unwrap_or_default();
+        let seen: BTreeSet<&String> = listed.iter().chain(local.keys()).collect();
         let (unknown, missing): (Vec<String>, Vec<String>) = {
             let known = lock(&s.known);
-            let unknown = listed
+            let unknown = seen
                 .iter()
-                .filter(|a| !known.contains_key(*a))
-                .cloned()
+                .filter(|a| !known.contains_key(**a))
+                .map(|a| a.to_string())
                 .collect();
             let missing = known
                 .iter()
-                .filter(|(arn, task)| task.is_some() && !listed_set.contains(arn))
+                .filter(|(arn, task)| task.is_some() && !seen.contains(arn))
                 .map(|(arn, _)| arn.clone())
                 .collect();
             (unknown, missing)
@@ -331,15 +337,27 @@ impl Runtime for EcsRuntime {
         } else {
             s.still_live(missing).await?
         };
+        // What the local agent runs and ECS cannot describe yet: one of our families is taken
+        // for ours, starting (not started again), until ECS says whose it is.
+        let undescribed: Vec<Instance> = local
+            .iter()
+            .filter(|(arn, _)| unknown.contains(arn) && !described.iter().any(|t| &t.arn == *arn))
+            .filter_map(|(arn, family)| {
+                let (task, _) = s.tasks.get(family)?;
+                debug!(%arn, "{task}: the local agent runs it, ECS does not describe it yet");
+                Some(instance(task, arn))
+            })
+            .collect();
         let mut known = lock(&s.known);
         for task in &described {
             known.insert(task.arn.clone(), s.classify(task));
         }
-        known.retain(|arn, _| listed_set.contains(arn) || still.contains(arn));
+        known.retain(|arn, _| seen.contains(arn) || still.contains(arn));
         let _ = lock(&s.record).retain(|arn| known.contains_key(arn));
         Ok(known
             .iter()
             .filter_map(|(arn, task)| Some(instance(task.as_ref()?, arn)))
+            .chain(undescribed)
             .collect())
     }
 

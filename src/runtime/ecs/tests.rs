@@ -174,12 +174,12 @@ fn task(arn: &str, family: &str, by: &str, ci: &str) -> EcsTask {
     }
 }
 
-fn runtime(ecs: Arc<FakeEcs>, fs: Option<Arc<dyn HostFs>>) -> EcsRuntime {
-    EcsRuntime::new(Context {
+fn context(ecs: Arc<FakeEcs>) -> Context {
+    Context {
         ecs,
         agent: None,
         docker: None,
-        fs,
+        fs: None,
         cluster: "c".into(),
         container_instance: "ci".into(),
         instance_id: "i-1".into(),
@@ -187,7 +187,11 @@ fn runtime(ecs: Arc<FakeEcs>, fs: Option<Arc<dyn HostFs>>) -> EcsRuntime {
             .map(|(n, f)| (n.to_string(), f.to_string()))
             .to_vec(),
         start_timeout: Duration::from_secs(300),
-    })
+    }
+}
+
+fn runtime(ecs: Arc<FakeEcs>, fs: Option<Arc<dyn HostFs>>) -> EcsRuntime {
+    EcsRuntime::new(Context { fs, ..context(ecs) })
 }
 
 #[tokio::test(start_paused = true)]
@@ -319,18 +323,11 @@ async fn a_task_claiming_our_started_by_with_overrides_is_not_ours() {
         .unwrap()
         .extend([(evil, Instant::now()), (old, Instant::now())]);
     let rt = EcsRuntime::new(Context {
-        ecs,
-        agent: None,
-        docker: None,
-        fs: None,
-        cluster: "c".into(),
-        container_instance: "ci".into(),
-        instance_id: "i-1".into(),
         tasks: vec![
             ("consul-agent".into(), "consul-agent:3".into()),
             ("linkerd".into(), "linkerd".into()),
         ],
-        start_timeout: Duration::from_secs(300),
+        ..context(ecs)
     });
     let found = rt.instances().await.unwrap();
     let mut names: Vec<&str> = found.iter().map(|i| i.task.as_str()).collect();
@@ -341,5 +338,62 @@ async fn a_task_claiming_our_started_by_with_overrides_is_not_ours() {
             "consul-agent (not ours: revision Some(2) of consul-agent, not the configured Some(3))",
             "linkerd (not ours: started with overrides nodeagent never makes)"
         ]
+    );
+}
+
+/// A local agent that runs what it is given.
+struct FakeAgent(Vec<crate::agent::AgentTask>);
+
+#[async_trait]
+impl EcsAgent for FakeAgent {
+    async fn metadata(&self) -> anyhow::Result<crate::agent::AgentMetadata> {
+        anyhow::bail!("not asked")
+    }
+    async fn tasks(&self) -> anyhow::Result<Vec<crate::agent::AgentTask>> {
+        Ok(self.0.clone())
+    }
+    fn url(&self) -> &str {
+        "http://agent"
+    }
+}
+
+/// An agent killed while StartTask's answer was on its way leaves a task no record names, that
+/// ECS neither lists nor describes yet: the local agent runs it, so the next agent counts it as
+/// ours (starting) and starts no second copy; once ECS describes it, it is classified as usual.
+#[tokio::test(start_paused = true)]
+async fn a_task_only_the_local_agent_knows_is_not_started_again() {
+    let ecs = Arc::new(FakeEcs {
+        lag: Duration::from_secs(20),
+        ..FakeEcs::default()
+    });
+    let arn = "arn:task/linkerd/orphan";
+    ecs.tasks
+        .lock()
+        .unwrap()
+        .push((task(arn, "linkerd", "nodeagent/i-1", "ci"), Instant::now()));
+    let local = crate::agent::AgentTask {
+        arn: arn.into(),
+        family: "linkerd".into(),
+        desired_status: "RUNNING".into(),
+        known_status: "PENDING".into(),
+    };
+    let rt = EcsRuntime::new(Context {
+        agent: Some(Arc::new(FakeAgent(vec![local]))),
+        ..context(ecs.clone())
+    });
+    for _ in 0..6 {
+        let found = rt.instances().await.unwrap();
+        assert_eq!(
+            found.iter().map(|i| (&*i.task, &*i.id)).collect::<Vec<_>>(),
+            [("linkerd", arn)]
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert_eq!(ecs.starts(), 0);
+    let calls = ecs.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().filter(|c| *c == "DescribeTasks").count(),
+        5,
+        "described until ECS knew it (20 s), then remembered: {calls:?}"
     );
 }
