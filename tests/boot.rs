@@ -130,36 +130,7 @@ async fn waits_for_a_consul_server_that_boots_later() {
         "still waiting for a server"
     );
 
-    let ec2 = aws_sdk_ec2::Client::new(&world.sdk().await);
-    let node = ec2
-        .describe_instances()
-        .instance_ids(&world.info.instance_id)
-        .send()
-        .await
-        .unwrap();
-    let image = node.reservations()[0].instances()[0]
-        .image_id()
-        .unwrap()
-        .to_string();
-    let tag = aws_sdk_ec2::types::Tag::builder()
-        .key("Name")
-        .value("l5d-demo-consul-server")
-        .build();
-    let run = ec2
-        .run_instances()
-        .image_id(image)
-        .min_count(1)
-        .max_count(1)
-        .tag_specifications(
-            aws_sdk_ec2::types::TagSpecification::builder()
-                .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                .tags(tag)
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    let server_ip = run.instances()[0].private_ip_address().unwrap().to_string();
+    let server_ip = world.run_consul_server_async().await;
 
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", transcript(&out));

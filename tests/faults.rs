@@ -1,8 +1,8 @@
 //! The fault matrix: one test per fault a node meets in production, each against the test world
 //! made less kind than moto (the fault layer of `tests/world/world.py`: throttling, lost
 //! answers, lag, slow answers; IMDS down, slow or expiring its tokens; an ECS agent that stops
-//! or restarts) or against the node itself (a Docker engine restarted or frozen, a full disk, a
-//! stepped clock, SIGKILL, two agents). The ECS runtime against moto unless the row is about
+//! or restarts) or against the node itself (a Docker engine restarted, a full disk, a stepped
+//! clock, SIGKILL, two agents; a frozen engine is operator.rs's watchdog test). The ECS runtime against moto unless the row is about
 //! Docker; Docker rows run a whole node on the stand-ins (`support::node`), each in its own
 //! network namespace.
 //!
@@ -80,42 +80,6 @@ fn assert_files_whole(root: &Path) {
         Vec::<PathBuf>::new(),
         "temporary files left"
     );
-}
-
-/// Runs a Consul server instance (tagged as the configuration's discovery looks for): its IP.
-fn run_a_consul_server(world: &World) -> String {
-    block_on(async {
-        let ec2 = aws_sdk_ec2::Client::new(&world.sdk().await);
-        let node = ec2
-            .describe_instances()
-            .instance_ids(&world.info.instance_id)
-            .send()
-            .await
-            .unwrap();
-        let image = node.reservations()[0].instances()[0]
-            .image_id()
-            .unwrap()
-            .to_string();
-        let tag = aws_sdk_ec2::types::Tag::builder()
-            .key("Name")
-            .value("l5d-demo-consul-server")
-            .build();
-        let run = ec2
-            .run_instances()
-            .image_id(image)
-            .min_count(1)
-            .max_count(1)
-            .tag_specifications(
-                aws_sdk_ec2::types::TagSpecification::builder()
-                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
-                    .tags(tag)
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        run.instances()[0].private_ip_address().unwrap().to_string()
-    })
 }
 
 /// `run --once` started in the background, its stderr in `ROOT/LOG`: the child and that path.
@@ -280,7 +244,7 @@ fn r04_no_tagged_consul_server_for_30_s_waits_and_completes_after_them() {
     }
     assert_eq!(calls(&world, "ecs:StartTask"), 0, "nothing started yet");
     assert!(!world.path("/opt/consul/config/consul-agent.json").exists());
-    let ip = run_a_consul_server(&world);
+    let ip = world.run_consul_server();
     let tagged = Instant::now();
     let status = child.wait().unwrap();
     let stderr = std::fs::read_to_string(&log).unwrap();
@@ -658,82 +622,6 @@ fn r12_dockerd_restart_brings_the_tasks_back_once_each() {
     assert_files_whole(node.world.root.path());
 }
 
-// ---------------------------------------------------------------- 13. a hung Docker call
-
-/// SIGCONTs the process whatever happens.
-struct Frozen(i32);
-
-impl Frozen {
-    fn freeze(pid: i32) -> Frozen {
-        assert!(Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
-}
-
-#[test]
-fn r13_a_frozen_docker_engine_withholds_the_watchdog_and_supervision_resumes() {
-    if !netns::enter("r13_a_frozen_docker_engine_withholds_the_watchdog_and_supervision_resumes") {
-        return;
-    }
-    let node = Node::start(&[]);
-    node.conf_d(
-        "50-fast.toml",
-        "[supervision]\nreconcile_interval = \"2s\"\n",
-    );
-    let notify = node.path("/notify.sock");
-    let listener = Listener::bind(&notify);
-    let mut agent = node.run_with("agent", |cmd| {
-        cmd.env("NOTIFY_SOCKET", &notify)
-            .env("WATCHDOG_USEC", "1000000")
-            .env_remove("WATCHDOG_PID");
-    });
-    wait_for(Duration::from_secs(60), "READY=1", || {
-        listener.ready().is_some()
-    });
-    let before = node.containers();
-    let frozen = Frozen::freeze(node.engine.dockerd_pid());
-    wait_for(
-        Duration::from_secs(15),
-        "the loop stuck in a Docker call",
-        || agent.log().contains("withholding watchdog pings"),
-    );
-    let from = Instant::now();
-    std::thread::sleep(Duration::from_secs(3));
-    let pings = |since: Instant| {
-        listener
-            .messages()
-            .iter()
-            .filter(|(t, m)| *t >= since && m.lines().any(|l| l == "WATCHDOG=1"))
-            .count()
-    };
-    assert_eq!(pings(from), 0, "no ping while the loop hangs");
-    assert!(agent.alive(), "{}", agent.log());
-    drop(frozen);
-    let thawed = Instant::now();
-    wait_for(Duration::from_secs(20), "pings again", || pings(thawed) > 0);
-    wait_for(Duration::from_secs(30), "a healthy node", || node.healthy());
-    assert!(agent.alive(), "{}", agent.log());
-    assert_eq!(node.containers(), before, "the same containers");
-    // Supervision goes on: a killed task is replaced.
-    let linkerd = node.container("linkerd").unwrap();
-    node.engine.cli(&["kill", &linkerd]);
-    wait_for(Duration::from_secs(30), "linkerd replaced", || {
-        node.container("linkerd").is_some_and(|c| c != linkerd) && node.healthy()
-    });
-}
-
 // ---------------------------------------------------------------- 14. a crash loop
 
 #[test]
@@ -837,7 +725,7 @@ fn r15_an_agent_killed_while_waiting_for_servers_is_replaced_by_one_that_complet
     );
     first.sigkill();
     let watch = Watch::ecs(&world);
-    run_a_consul_server(&world);
+    world.run_consul_server();
     let _second = ecs_agent(&world, &config, "second");
     wait_three_healthy(&world, Duration::from_secs(40));
     std::thread::sleep(Duration::from_secs(2));

@@ -189,28 +189,6 @@ fn status_shows_a_healthy_node_and_exits_0_then_3_when_the_agent_is_gone() {
     wait_for(BOOT, "the fourth agent", || status(&node, &[]).0 == 0);
 }
 
-/// SIGCONTs the engine whatever happens, so it can be stopped.
-struct Frozen(i32);
-
-impl Frozen {
-    fn freeze(pid: i32) -> Frozen {
-        assert!(Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success());
-        Frozen(pid)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-CONT", &self.0.to_string()])
-            .status();
-    }
-}
-
 /// When each `WATCHDOG=1` arrived.
 fn pings(listener: &Listener) -> Vec<Instant> {
     listener
@@ -295,7 +273,8 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
     // Freeze the engine: the loop's next reconcile hangs in a Docker call (bounded at 10 s),
     // and the pings stop while it hangs — 3 s without one, six intervals, where systemd
     // (WatchdogSec=1) would have restarted the agent.
-    let frozen = Frozen::freeze(node.engine.dockerd_pid());
+    let before = node.containers();
+    let frozen = support::Frozen::freeze(node.engine.dockerd_pid());
     wait_for(
         Duration::from_secs(15),
         "3 s without a watchdog ping",
@@ -317,6 +296,15 @@ fn systemd_hears_status_then_ready_then_watchdog_which_stops_while_the_loop_is_s
             .count();
         regular > 0
             && after[after.len() - 1] - after[after.len() - 1 - regular] >= Duration::from_secs(5)
+    });
+    // The same containers, and supervision goes on: a killed task is replaced.
+    wait_for(Duration::from_secs(30), "a healthy node", || node.healthy());
+    assert!(agent.alive(), "{}", agent.log());
+    assert_eq!(node.containers(), before, "the same containers");
+    let linkerd = node.container("linkerd").unwrap();
+    node.engine.cli(&["kill", &linkerd]);
+    wait_for(Duration::from_secs(30), "linkerd replaced", || {
+        node.container("linkerd").is_some_and(|c| c != linkerd) && node.healthy()
     });
 
     assert!(agent.sigterm().success());

@@ -282,6 +282,46 @@ impl World {
         let resp = req.send().await.unwrap().error_for_status().unwrap();
         resp.json().await.unwrap_or(serde_json::Value::Null)
     }
+
+    /// Runs a Consul server instance in moto (tagged as the default discovery looks for):
+    /// its private IP.
+    pub fn run_consul_server(&self) -> String {
+        block_on(self.run_consul_server_async())
+    }
+
+    /// [`World::run_consul_server`] in an async test.
+    pub async fn run_consul_server_async(&self) -> String {
+        let ec2 = aws_sdk_ec2::Client::new(&self.sdk().await);
+        let node = ec2
+            .describe_instances()
+            .instance_ids(&self.info.instance_id)
+            .send()
+            .await
+            .unwrap();
+        let image = node.reservations()[0].instances()[0]
+            .image_id()
+            .unwrap()
+            .to_string();
+        let tag = aws_sdk_ec2::types::Tag::builder()
+            .key("Name")
+            .value("l5d-demo-consul-server")
+            .build();
+        let run = ec2
+            .run_instances()
+            .image_id(image)
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(
+                aws_sdk_ec2::types::TagSpecification::builder()
+                    .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+                    .tags(tag)
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        run.instances()[0].private_ip_address().unwrap().to_string()
+    }
 }
 
 impl Drop for World {
@@ -341,6 +381,29 @@ pub async fn wait_for_async(limit: Duration, what: &str, mut cond: impl AsyncFnM
             "timed out after {limit:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A process stopped with SIGSTOP, continued (SIGCONT) when dropped whatever happens, so it can
+/// be stopped later.
+pub struct Frozen(i32);
+
+impl Frozen {
+    pub fn freeze(pid: i32) -> Frozen {
+        assert!(std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success());
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
     }
 }
 
