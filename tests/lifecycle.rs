@@ -398,6 +398,81 @@ async fn scale_in_drains_in_order_and_completes_the_lifecycle_action() {
     assert!(agent.sigterm().success());
 }
 
+/// An agent killed in the middle of a scale-in drain (waiting for an application task) is
+/// replaced by one that resumes it as a scale-in: it keeps the group's lifecycle hook alive with
+/// heartbeats, and completes the hook at the end. (It used to resume it as "resumed": no
+/// heartbeats, so a drain longer than the hook's heartbeat timeout lost the hook.)
+#[tokio::test]
+async fn a_scale_in_drain_resumed_by_a_new_agent_keeps_the_hook_alive() {
+    let (world, _) = drain_world();
+    let config = world.config(&format!(
+        "[consul]\napi = \"{}\"\n[lifecycle]\ntrigger_poll = \"200ms\"\ndrain_tasks_timeout = \"2m\"\n\
+         drain_step_timeout = \"10s\"\nlifecycle_hook = \"h\"\n",
+        world.info.consul_url
+    ));
+    // AWS's shortest heartbeat timeout: a heartbeat every 15 s.
+    let asg = aws_sdk_autoscaling::Client::new(&world.sdk().await);
+    asg.put_lifecycle_hook()
+        .auto_scaling_group_name("g")
+        .lifecycle_hook_name("h")
+        .lifecycle_transition("autoscaling:EC2_INSTANCE_TERMINATING")
+        .heartbeat_timeout(30)
+        .send()
+        .await
+        .unwrap();
+    let mut first = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "first");
+    ready_to_drain(&world).await;
+    let app = start_app_task(&world).await;
+    set_imds(
+        &world,
+        serde_json::json!({"autoscaling/target-lifecycle-state": "Terminated"}),
+    )
+    .await;
+    wait_for_async(Duration::from_secs(10), "DRAINING", async || {
+        container_instance_status(&world).await == "DRAINING"
+    })
+    .await;
+    first.sigkill();
+    let killed = timeline(&world).await.len();
+
+    let second = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "second");
+    wait_for_async(
+        Duration::from_secs(40),
+        "a heartbeat from the agent that resumed the drain",
+        async || {
+            timeline(&world).await[killed..]
+                .iter()
+                .any(|(op, _)| op == "autoscaling:RecordLifecycleActionHeartbeat")
+        },
+    )
+    .await;
+    world.stop_ecs_task(&app).await;
+    drained(&second, "the resumed drain").await;
+    let t = timeline(&world).await;
+    let (_, beat) = t[killed..]
+        .iter()
+        .find(|(op, _)| op == "autoscaling:RecordLifecycleActionHeartbeat")
+        .unwrap();
+    assert_eq!(beat["LifecycleHookName"], "h", "{beat}");
+    assert!(
+        t[killed..]
+            .iter()
+            .any(|(op, _)| op == "autoscaling:CompleteLifecycleAction"),
+        "{t:#?}"
+    );
+    let s: serde_json::Value = serde_json::from_slice(
+        &Command::new(env!("CARGO_BIN_EXE_nodeagent"))
+            .args(["status", "--json", "--root"])
+            .arg(world.root.path())
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap();
+    assert_eq!(s["drain"]["trigger"], "autoscaling-terminated", "{s}");
+    assert!(world.running_tasks().await.is_empty(), "nothing runs");
+}
+
 #[tokio::test]
 async fn a_spot_interruption_drains_and_an_app_task_that_never_stops_only_costs_the_timeout() {
     let (world, config) = drain_world();

@@ -33,6 +33,16 @@ impl Trigger {
             Trigger::Resumed => "resumed",
         }
     }
+
+    /// The drain an earlier agent began for the trigger it recorded (`name`), resumed: a
+    /// scale-in's stays one (its lifecycle hook kept alive, then completed), a spot
+    /// interruption's too (budgeted from the notice, read again); anything else is "resumed".
+    pub fn resuming(name: &str) -> Trigger {
+        [Trigger::Terminated, Trigger::SpotInterruption]
+            .into_iter()
+            .find(|t| t.name() == name)
+            .unwrap_or(Trigger::Resumed)
+    }
 }
 
 /// A reason to drain, and when the instance goes away if the notice says (a spot interruption
