@@ -260,15 +260,22 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
         let sdk = aws::sdk_config(&facts.region).await;
         let ec2 = SdkEc2::new(&sdk, Arc::new(AwsCalls::default()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        layers::with_instance(files.clone(), &imds, &ec2, &facts.instance_id, deadline).await
+        let loaded =
+            layers::with_instance(files.clone(), &imds, &ec2, &facts.instance_id, deadline).await?;
+        anyhow::Ok((loaded, sdk))
     };
-    let (loaded, note) = match tokio::time::timeout(Duration::from_secs(15), instance).await {
-        Ok(Ok(loaded)) => (loaded, None),
+    let (loaded, note, sdk) = match tokio::time::timeout(Duration::from_secs(15), instance).await {
+        Ok(Ok((loaded, sdk))) => (loaded, None, Some(sdk)),
         Ok(Err(e)) if e.chain().any(|c| c.is::<ConfigError>()) => return Err(e),
-        Ok(Err(e)) => (config::from_layers(&files, &[])?, Some(format!("{e:#}"))),
+        Ok(Err(e)) => (
+            config::from_layers(&files, &[])?,
+            Some(format!("{e:#}")),
+            None,
+        ),
         Err(_) => (
             config::from_layers(&files, &[])?,
             Some("instance metadata did not answer".into()),
+            None,
         ),
     };
     println!("# nodeagent configuration: every key, and the layer that set it (later layers win:");
@@ -290,7 +297,42 @@ async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
         };
         println!("{key} = {value}  # {origin}");
     }
+    if let Some(sdk) = sdk {
+        for line in secret_versions(&loaded.settings, &sdk).await {
+            println!("{line}");
+        }
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// On an instance: each secret's version and the first 8 hex digits of its value's sha256 (to
+/// compare nodes), never the value; read once, within 10 s.
+async fn secret_versions(settings: &config::Settings, sdk: &aws_config::SdkConfig) -> Vec<String> {
+    use crate::secrets::{fetch_once, sdk::SdkSecrets};
+    let store = SdkSecrets::new(sdk, Arc::new(AwsCalls::default()));
+    let wanted: Vec<_> = settings
+        .secret_sources()
+        .into_iter()
+        .map(|(name, source, _)| (name, source))
+        .collect();
+    let read = tokio::time::timeout(Duration::from_secs(10), fetch_once(&store, &wanted));
+    let Ok(read) = read.await else {
+        return vec!["# secrets: not read (no answer within 10 s)".into()];
+    };
+    wanted
+        .iter()
+        .map(|(name, source)| match &read[name] {
+            Ok(f) => {
+                let sha = render::sha256_hex(f.value.expose().as_bytes());
+                format!(
+                    "# secret {name}: {source} {}, sha256 {}…",
+                    f.version,
+                    &sha[..8]
+                )
+            }
+            Err(e) => format!("# secret {name}: {source} not readable: {e:#}"),
+        })
+        .collect()
 }
 
 fn flatten(table: &toml::Table, prefix: &str, out: &mut Vec<(String, toml::Value)>) {
@@ -313,6 +355,9 @@ struct RenderFacts {
     consul_servers: Vec<String>,
     #[serde(default)]
     container_instance_arn: Option<String>,
+    /// Sample values of the secrets (`secrets.NAME`); one not given renders as `<secrets.NAME>`.
+    #[serde(default)]
+    secrets: std::collections::BTreeMap<String, String>,
 }
 
 fn render(common: &Common, facts: &Path, out: &Path) -> anyhow::Result<ExitCode> {
@@ -326,11 +371,27 @@ fn render(common: &Common, facts: &Path, out: &Path) -> anyhow::Result<ExitCode>
             facts.display()
         )
     })?;
+    let placeholders: Vec<(String, String)> = settings
+        .secrets
+        .keys()
+        .map(|name| {
+            let value = given.secrets.get(name).cloned();
+            (
+                name.clone(),
+                value.unwrap_or_else(|| format!("<secrets.{name}>")),
+            )
+        })
+        .collect();
+    let secrets = placeholders
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
     let files = boot::render_files(
         &settings,
         &given.instance,
         &given.consul_servers,
         given.container_instance_arn.as_deref(),
+        &secrets,
         &RootedFs::new(&common.root),
         &RootedFs::new(out),
     )?;

@@ -28,6 +28,7 @@ pub mod phase;
 pub mod render;
 pub mod retry;
 pub mod runtime;
+pub mod secrets;
 pub mod status;
 pub mod supervisor;
 pub mod systemd;

@@ -150,6 +150,8 @@ placeholders = {
     "${AWS::Region}": "REGION",
     "${AWS::AccountId}": "ACCOUNT_ID",
     "${ClusterName}": "CLUSTER_NAME",
+    "${SecretsPath}": "SECRETS_PATH",
+    "${SecretsKmsKeyId}": "KMS_KEY_ID",
     asg_name: "ASG_NAME",
 }
 

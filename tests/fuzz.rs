@@ -207,10 +207,10 @@ fn render(config: &str, script: &str, value: &str) -> BTreeMap<String, String> {
         vars: &vars,
     };
     renderer
-        .render(&ctx)
+        .render(&ctx, &BTreeMap::new())
         .unwrap()
         .into_iter()
-        .map(|f| (f.path, f.contents))
+        .map(|f| (f.path, f.contents.to_string()))
         .collect()
 }
 

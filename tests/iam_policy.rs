@@ -4,7 +4,10 @@
 //! nothing else. Every ECS action is scoped to the cluster (`ecs:cluster`) and to the
 //! resources it acts on, as narrowly as ECS authorizes it: the container instances and tasks
 //! of the cluster, and for `StartTask` only the task definitions of the built-in
-//! configuration's families.
+//! configuration's families. Optional statements (`Sid` starting `Optional`: the secrets) are
+//! what a configuration with `[secrets]` needs: each scoped by resource, never `*`; their
+//! `kms:Decrypt` is no SDK call of nodeagent's but what SSM and Secrets Manager do on its
+//! behalf when they decrypt.
 
 use std::collections::BTreeSet;
 
@@ -23,17 +26,24 @@ fn pascal(snake: &str) -> String {
         .collect()
 }
 
-/// The operations each boundary module calls through its SDK client.
+/// Actions no SDK call of nodeagent's names, granted because a service performs them on its
+/// behalf: the decrypt of a SecureString parameter or a secret.
+const IMPLIED: &[&str] = &["kms:Decrypt"];
+
+/// The operations each boundary module calls through its SDK clients (`.client.op(`, or
+/// `.ssm.op(` where a module holds several clients).
 fn called() -> BTreeSet<String> {
     let mut ops = BTreeSet::new();
-    for (file, service) in [
-        ("src/ec2.rs", "ec2"),
-        ("src/ecs.rs", "ecs"),
-        ("src/asg.rs", "autoscaling"),
+    for (file, client, service) in [
+        ("src/ec2.rs", ".client.", "ec2"),
+        ("src/ecs.rs", ".client.", "ecs"),
+        ("src/asg.rs", ".client.", "autoscaling"),
+        ("src/secrets/sdk.rs", ".ssm.", "ssm"),
+        ("src/secrets/sdk.rs", ".secretsmanager.", "secretsmanager"),
     ] {
         let text = std::fs::read_to_string(support::repo().join(file)).unwrap();
         let flat: String = text.split_whitespace().collect::<Vec<_>>().join("");
-        for part in flat.split(".client.").skip(1) {
+        for part in flat.split(client).skip(1) {
             let op: String = part
                 .chars()
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
@@ -59,7 +69,7 @@ fn recorded() -> BTreeSet<String> {
             }
             let text = std::fs::read_to_string(&path).unwrap();
             for piece in text.split('"').skip(1).step_by(2) {
-                let known = ["ec2:", "ecs:", "autoscaling:"];
+                let known = ["ec2:", "ecs:", "autoscaling:", "ssm:", "secretsmanager:"];
                 let is_op = known.iter().any(|k| piece.starts_with(k))
                     && piece.split(':').nth(1).is_some_and(|op| {
                         op.chars().next().is_some_and(|c| c.is_ascii_uppercase())
@@ -128,13 +138,30 @@ fn the_policy_grants_exactly_what_the_code_calls() {
     let policy: serde_json::Value = serde_json::from_str(&text).expect("the policy is JSON");
     assert_eq!(policy["Version"], "2012-10-17");
     let mut granted = BTreeSet::new();
+    let mut optional = BTreeSet::new();
     for statement in policy["Statement"].as_array().unwrap() {
         assert_eq!(statement["Effect"], "Allow", "{statement}");
+        let is_optional = statement["Sid"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("Optional"));
         let actions = statement["Action"].as_array().unwrap();
         for action in actions {
             let action = action.as_str().unwrap();
             assert!(!action.contains('*'), "no wildcard actions: {action}");
             assert!(granted.insert(action.to_string()), "{action} granted twice");
+            let secrets = ["ssm:", "secretsmanager:", "kms:"];
+            assert_eq!(
+                is_optional,
+                secrets.iter().any(|p| action.starts_with(p)),
+                "the secrets' actions, and only they, are optional statements: {statement}"
+            );
+            if is_optional {
+                optional.insert(action.to_string());
+                let scoped = resources(statement)
+                    .iter()
+                    .all(|r| r.starts_with("arn:aws:") && !r.ends_with(":*") && r != "*");
+                assert!(scoped, "{action} is scoped by resource: {statement}");
+            }
             if action.starts_with("ecs:") {
                 assert!(
                     statement["Condition"]["ArnEquals"]["ecs:cluster"]
@@ -158,6 +185,22 @@ fn the_policy_grants_exactly_what_the_code_calls() {
         called, recorded,
         "every SDK call is accounted under its operation name"
     );
+    assert_eq!(
+        optional,
+        BTreeSet::from(
+            [
+                "ssm:GetParameters",
+                "secretsmanager:GetSecretValue",
+                "kms:Decrypt"
+            ]
+            .map(String::from)
+        ),
+        "exactly the secrets' reads and their decrypt are optional"
+    );
+    let granted: BTreeSet<String> = granted
+        .into_iter()
+        .filter(|a| !IMPLIED.contains(&a.as_str()))
+        .collect();
     let missing: Vec<&String> = called.difference(&granted).collect();
     let unused: Vec<&String> = granted.difference(&called).collect();
     assert!(

@@ -3,7 +3,8 @@
 //! 1. read the instance facts from IMDSv2 (done by the caller: the facts feed the config);
 //! 2. join the ECS cluster: write `ECS_CLUSTER` (and our other keys) into ecs.config;
 //! 3. find the Consul servers by EC2 tag, while
-//! 4. waiting for the ECS container agent to register this container instance;
+//! 4. waiting for the ECS container agent to register this container instance, and reading
+//!    the secrets (SSM Parameter Store, Secrets Manager);
 //! 5. render the foundational tasks' config files;
 //! 6. start the tasks — ECS `StartTask` or Docker — adopting any already running: that is the
 //!    supervisor's first act (the daemon's), as it is the one that keeps them running. The boot
@@ -22,9 +23,10 @@ use crate::hostfs::{blocked_ancestor, HostFs, Perms, Written};
 use crate::phase::Phase;
 use crate::render::{ConsulContext, Context, EcsContext, RenderedFile, Renderer};
 use crate::retry::{jitter, FullJitter};
+use crate::secrets::{self, SecretStore, Secrets};
 use anyhow::{anyhow, bail, Context as _};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -45,6 +47,7 @@ pub struct Node<'a> {
     pub fs: &'a dyn HostFs,
     pub ec2: &'a dyn Ec2,
     pub agent: &'a dyn EcsAgent,
+    pub secrets: &'a dyn SecretStore,
 }
 
 /// Who hears how the boot goes (status, systemd): a phase began; the boot is still waiting on
@@ -58,6 +61,7 @@ pub trait Progress: Sync {
 
 const WAIT_SERVERS: &str = "a Consul server";
 const WAIT_AGENT: &str = "the ECS agent";
+const WAIT_SECRETS: &str = "the secrets";
 
 /// When a phase ran, relative to the start of the boot (the status document's `phases[]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -74,6 +78,9 @@ pub struct BootReport {
     pub container_instance_arn: Option<String>,
     pub files: Vec<RenderedFile>,
     pub phases: Vec<PhaseTime>,
+    /// The secrets read (values never serialized, `Debug` redacted).
+    #[serde(skip)]
+    pub secrets: Secrets,
 }
 
 /// Step 2 on its own: join the ECS cluster by writing ecs.config.
@@ -134,9 +141,22 @@ pub async fn run(
         (agent.map(Some), Some(timed(Phase::Agent, t)))
     }
     .instrument(info_span!("phase", phase = Phase::Agent.as_str()));
-    let ((servers, discover_time), (agent, agent_time)) = tokio::join!(discover, wait);
+    let read_secrets = async {
+        let wanted: Vec<secrets::Wanted> = settings
+            .secret_sources()
+            .into_iter()
+            .map(|(name, source, _)| (name, source))
+            .collect();
+        let deadline = Instant::now() + settings.consul.discovery_timeout;
+        let waiting = |w: Option<Duration>| progress.waiting(WAIT_SECRETS, w);
+        secrets::fetch_until(node.secrets, &wanted, deadline, &waiting).await
+    }
+    .instrument(info_span!("phase", phase = Phase::Discover.as_str()));
+    let ((servers, discover_time), (agent, agent_time), secrets) =
+        tokio::join!(discover, wait, read_secrets);
     let servers = servers?;
     let container_instance = agent?.and_then(|a| a.container_instance_arn);
+    let secrets = secrets?;
     phases.push(discover_time);
     phases.extend(agent_time);
 
@@ -149,6 +169,7 @@ pub async fn run(
             facts,
             &servers,
             container_instance.as_deref(),
+            &secrets.values(),
             node.fs,
             node.fs,
         )
@@ -160,6 +181,7 @@ pub async fn run(
         container_instance_arn: container_instance,
         files,
         phases,
+        secrets,
     })
 }
 
@@ -281,12 +303,14 @@ pub fn render_files(
     facts: &InstanceFacts,
     servers: &[String],
     container_instance: Option<&str>,
+    secrets: &BTreeMap<&str, &str>,
     templates: &dyn HostFs,
     fs: &dyn HostFs,
 ) -> anyhow::Result<Vec<RenderedFile>> {
     let read_template = |path: &str| read_text(templates, path);
     let renderer = Renderer::new(settings, &read_template)?;
-    let files = renderer.render(&context(settings, facts, servers, container_instance))?;
+    let ctx = context(settings, facts, servers, container_instance);
+    let files = renderer.render(&ctx, secrets)?;
     for task in settings.enabled_tasks() {
         for dir in &settings.tasks[task.name].dirs {
             fs.create_dir_all(dir, TASK_DIRS)
@@ -307,6 +331,7 @@ pub fn render_files(
         };
         warn_unreachable(fs, file, perms)?;
         match fs.write_atomic(&file.path, file.contents.as_bytes(), perms)? {
+            // The log line names the file and its checksum: never the contents, nor a secret.
             Written::Updated => {
                 info!(path = %file.path, task = %file.task, sha256 = %file.sha256, "rendered {}", file.path)
             }

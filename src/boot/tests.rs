@@ -8,6 +8,22 @@ use crate::hostfs::RootedFs;
 use async_trait::async_trait;
 use std::sync::Mutex;
 
+/// A store no secret is asked of (the default configuration has none).
+struct NoSecrets;
+
+#[async_trait]
+impl SecretStore for NoSecrets {
+    async fn parameters(
+        &self,
+        _names: &[String],
+    ) -> anyhow::Result<BTreeMap<String, crate::secrets::Fetched>> {
+        anyhow::bail!("no parameter was configured")
+    }
+    async fn secret_value(&self, _id: &str) -> anyhow::Result<crate::secrets::Fetched> {
+        anyhow::bail!("no secret was configured")
+    }
+}
+
 /// Servers that appear at `servers_at` (clock time from the start); every call recorded.
 struct Servers {
     start: Instant,
@@ -141,10 +157,12 @@ async fn boot_throttled(
         polls: Mutex::default(),
     };
     let seen = Seen::default();
+    let secrets = NoSecrets;
     let node = Node {
         fs: &fs,
         ec2: &servers,
         agent: &agent,
+        secrets: &secrets,
     };
     let result = run(&settings, &facts(), &node, &seen).await;
     Run {

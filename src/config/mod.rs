@@ -7,6 +7,7 @@
 
 pub mod layers;
 mod load;
+mod secrets;
 mod tags;
 pub mod trust;
 mod types;
@@ -14,6 +15,7 @@ mod validate;
 mod values;
 
 pub use load::{dotted_key, from_fragments, from_layers, ConfigError, Fragment, Loaded, DEFAULTS};
+pub use secrets::{SecretSource, RELOAD_SIGNALS};
 pub use tags::TAG_PREFIX;
 
 pub use layers::Location;

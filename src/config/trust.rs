@@ -142,6 +142,7 @@ mod tests {
             "tasks.x.files.\"/etc/x\".template",
             "tasks.x.files.\"/etc/x\".mode",
             "trust.paths",
+            "secrets.gossip.from",
         ] {
             assert!(refusal(Layer::Tag, key, &locked).is_some(), "{key}");
         }
@@ -156,6 +157,10 @@ mod tests {
         assert!(refusal(Layer::UserData, "tasks.x.container.image", &locked).is_some());
         assert!(refusal(Layer::UserData, "trust.locked", &[]).is_some());
         assert_eq!(refusal(Layer::UserData, "tasks.x.family", &locked), None);
+        assert_eq!(
+            refusal(Layer::UserData, "secrets.gossip.from", &locked),
+            None
+        );
         assert_eq!(refusal(Layer::File, "trust.paths", &locked), None);
     }
 }

@@ -31,6 +31,30 @@ pub struct Settings {
     pub vars: BTreeMap<String, toml::Value>,
     /// The node's foundational tasks, keyed by name so layers merge per task.
     pub tasks: BTreeMap<String, Task>,
+    /// Secrets fetched from SSM Parameter Store or Secrets Manager, by the name templates see
+    /// them under (`secrets.<name>`).
+    pub secrets: BTreeMap<String, Secret>,
+}
+
+/// Where a secret comes from, and how often it is read again.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Secret {
+    /// `ssm:/NAME` (Parameter Store, a SecureString decrypted) or `secretsmanager:NAME_OR_ARN`
+    /// with an optional `#KEY` (a field of a JSON secret).
+    pub from: String,
+    /// Read again this often (rotation); `0s`: read once, at boot.
+    #[serde(with = "humantime_serde")]
+    pub refresh: Duration,
+}
+
+impl Default for Secret {
+    fn default() -> Self {
+        Secret {
+            from: String::new(),
+            refresh: Duration::from_secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
@@ -219,6 +243,9 @@ pub struct Task {
     pub health: Option<Health>,
     /// Restart this task when a task it depends on restarts.
     pub restart_with_dependencies: bool,
+    /// How the task takes a changed file (a rotated secret): `None` restarts it; `"SIGHUP"`
+    /// (or `SIGUSR1`, `SIGUSR2`) sends it that signal instead (docker runtime).
+    pub reload: Option<String>,
 }
 
 impl Default for Task {
@@ -232,6 +259,7 @@ impl Default for Task {
             container: Container::default(),
             health: None,
             restart_with_dependencies: false,
+            reload: None,
         }
     }
 }

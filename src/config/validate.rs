@@ -32,6 +32,7 @@ impl Settings {
             problems.push("consul.datacenter is empty".into());
         }
         problems.extend(self.check_trust());
+        problems.extend(self.check_secrets());
         if let Err(why) = self.confined(&self.ecs.config_path, &[]) {
             problems.push(format!(
                 "ecs.config_path = {:?} {why}",

@@ -1,5 +1,6 @@
-//! The node's standing beside the supervision: the readiness gate, self-healing, and the
-//! drain (on a trigger seen in IMDS or a request on the socket); the board shows them.
+//! The node's standing beside the supervision: the readiness gate, self-healing, the secrets'
+//! rotation, and the drain (on a trigger seen in IMDS or a request on the socket); the board
+//! shows them.
 
 use super::node::Booted;
 use super::AbortOnDrop;
@@ -11,6 +12,7 @@ use crate::hostfs::RootedFs;
 use crate::lifecycle::drain::{self, wait_for_trigger, DrainRequest, Notice, Trigger, Withdraw};
 use crate::lifecycle::heal::SelfHeal;
 use crate::lifecycle::ready::ReadinessGate;
+use crate::lifecycle::rotate::Rotation;
 use crate::phase::Phase;
 use crate::status::{self, Board};
 use crate::supervisor::Supervisor;
@@ -102,6 +104,34 @@ impl Standing<'_> {
                 after: lc.unhealthy_after,
             };
             running.push(AbortOnDrop(tokio::spawn(heal.run(supervisor.watch()))));
+        }
+
+        if settings.secrets.values().any(|s| !s.refresh.is_zero()) {
+            let (progress, mut seen) = watch::channel(Vec::new());
+            let (files, mut rendered) = watch::channel(Vec::new());
+            let rotation = Rotation {
+                store: self.booted.secrets.clone(),
+                settings: settings.clone(),
+                facts: facts.clone(),
+                servers: report.consul_servers.clone(),
+                container_instance: report.container_instance_arn.clone(),
+                fs: Arc::new(fs.clone()),
+                control: supervisor.control(),
+                tasks: supervisor.watch(),
+                current: report.secrets.clone(),
+                files,
+            };
+            running.push(AbortOnDrop(tokio::spawn(rotation.run(progress))));
+            let board = board.clone();
+            running.push(AbortOnDrop(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        Ok(()) = seen.changed() => board.set_secrets(seen.borrow_and_update().clone()),
+                        Ok(()) = rendered.changed() => board.set_files(&rendered.borrow_and_update()),
+                        else => break,
+                    }
+                }
+            })));
         }
 
         let consul: Arc<dyn crate::consul::ConsulAgent> =

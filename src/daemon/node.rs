@@ -13,6 +13,7 @@ use crate::image;
 use crate::imds::{AwsImds, Imds};
 use crate::logging::Logging;
 use crate::phase::Phase;
+use crate::secrets::sdk::SdkSecrets;
 use crate::status::Board;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +28,7 @@ pub struct Booted {
     pub report: BootReport,
     pub sdk: aws_config::SdkConfig,
     pub imds: Arc<dyn Imds>,
+    pub secrets: Arc<dyn crate::secrets::SecretStore>,
 }
 
 /// Steps 1 to 5: the instance facts, then the configuration layers the instance carries, then
@@ -74,10 +76,12 @@ pub async fn boot(
     });
 
     let agent = HttpAgent::new(&settings.ecs.introspection_url)?;
+    let secrets = Arc::new(SdkSecrets::new(&sdk, calls.clone()));
     let node = Node {
         fs,
         ec2: &ec2,
         agent: &agent,
+        secrets: secrets.as_ref(),
     };
     let progress = BoardProgress {
         board,
@@ -93,6 +97,10 @@ pub async fn boot(
             boot_began + Duration::from_secs_f64((p.started_ms + p.took_ms) / 1e3)
         });
     board.set_report(&report, &imds_phase, found_at);
+    board.set_secrets(crate::lifecycle::rotate::statuses(
+        &settings,
+        &report.secrets,
+    ));
     let phases: Vec<String> = std::iter::once(&imds_phase)
         .chain(&report.phases)
         .map(|p| format!("{}={:.1}ms", p.phase, p.took_ms))
@@ -104,6 +112,7 @@ pub async fn boot(
         report,
         sdk,
         imds: Arc::new(imds),
+        secrets,
     })
 }
 

@@ -10,7 +10,8 @@ use bollard::models::{
     RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
-    ListContainersOptions, LogsOptions, RemoveContainerOptions, StopContainerOptions,
+    KillContainerOptions, ListContainersOptions, LogsOptions, RemoveContainerOptions,
+    StopContainerOptions,
 };
 use bollard::{ClientVersion, API_DEFAULT_VERSION};
 use futures_util::stream::StreamExt;
@@ -191,6 +192,18 @@ impl Engine {
             Err(e) => Err(engine_error(&self.host, e))
                 .with_context(|| format!("cannot stop container {id}")),
         }
+    }
+
+    pub(super) async fn kill(&self, id: &str, signal: &str) -> anyhow::Result<()> {
+        let client = self.client().await?;
+        let options = KillContainerOptions {
+            signal: signal.to_string(),
+        };
+        client
+            .kill_container(id, Some(options))
+            .await
+            .map_err(|e| engine_error(&self.host, e))
+            .with_context(|| format!("cannot send {signal} to container {id}"))
     }
 
     pub(super) async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String> {

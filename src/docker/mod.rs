@@ -102,6 +102,8 @@ pub trait Docker: Send + Sync {
     async fn stop_and_remove(&self, id: &str, grace: Duration) -> anyhow::Result<()>;
     /// The last `lines` lines of stdout+stderr.
     async fn logs_tail(&self, id: &str, lines: usize) -> anyhow::Result<String>;
+    /// Sends `signal` (`SIGHUP`) to a running container.
+    async fn kill(&self, id: &str, signal: &str) -> anyhow::Result<()>;
     /// Container events for containers carrying every given label, from now on. The stream ends
     /// (or yields an Err, then ends) when the engine goes away; the caller reconnects.
     fn events(
@@ -209,6 +211,14 @@ impl Docker for BollardDocker {
         let call = engine.stop_and_remove(id, grace);
         engine
             .within(grace.saturating_add(CALL_TIMEOUT), what, call)
+            .await
+    }
+
+    async fn kill(&self, id: &str, signal: &str) -> anyhow::Result<()> {
+        let engine = &self.engine;
+        let what = || format!("sending {signal} to container {id}");
+        engine
+            .within(CALL_TIMEOUT, what, engine.kill(id, signal))
             .await
     }
 

@@ -5,6 +5,10 @@
 //! `.json`, YAML double-quoted scalars in `.yaml`, single-quoted words in `.sh` (or the file's
 //! `format`) — so a value holding quotes, line breaks or `{{` still yields a valid file that
 //! holds the literal value. `|safe` opts a value out.
+//!
+//! Secrets (`secrets.NAME`) reach only the templates that name them, and only files no one but
+//! their owner and group can read (mode ≤ 0640); a configured secret no template uses is an
+//! error too. Which file uses which secret decides what a rotation re-renders.
 
 use crate::config::{Format, Settings, BUILTIN_PREFIX};
 use crate::facts::InstanceFacts;
@@ -15,19 +19,20 @@ use minijinja::{
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
+use zeroize::Zeroizing;
 
 /// The templates compiled into the binary, by their `builtin:` name.
 pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
     (
         "consul-agent.json",
-        include_str!("templates/consul-agent.json"),
+        include_str!("../templates/consul-agent.json"),
     ),
-    ("linkerd.yaml", include_str!("templates/linkerd.yaml")),
+    ("linkerd.yaml", include_str!("../templates/linkerd.yaml")),
     (
         "registrator-start.sh",
-        include_str!("templates/registrator-start.sh"),
+        include_str!("../templates/registrator-start.sh"),
     ),
 ];
 
@@ -54,8 +59,9 @@ pub struct EcsContext<'a> {
     pub container_instance_arn: Option<&'a str>,
 }
 
-/// One rendered file, ready to be written.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One rendered file, ready to be written. Its contents may hold secrets: they are zeroed
+/// on drop and never printed (`Debug` leaves them out).
+#[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct RenderedFile {
     pub task: String,
     pub path: String,
@@ -63,9 +69,27 @@ pub struct RenderedFile {
     /// `tasks.*.files.*.owner` as configured (resolved when the file is written).
     pub owner: Option<String>,
     #[serde(skip)]
-    pub contents: String,
+    pub contents: Zeroizing<String>,
     pub sha256: String,
+    /// The secrets its template uses (names).
+    pub secrets: Vec<String>,
 }
+
+impl std::fmt::Debug for RenderedFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenderedFile")
+            .field("task", &self.task)
+            .field("path", &self.path)
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .field("owner", &self.owner)
+            .field("sha256", &self.sha256)
+            .field("secrets", &self.secrets)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The widest mode a file holding a secret may have: read by its owner and group only.
+pub const SECRET_FILE_MODE: u32 = 0o640;
 
 #[derive(Debug)]
 struct Planned {
@@ -75,6 +99,8 @@ struct Planned {
     template: String,
     mode: u32,
     owner: Option<String>,
+    /// The secrets its template names.
+    secrets: BTreeSet<String>,
 }
 
 /// Compiled templates for every file of every enabled task.
@@ -111,6 +137,7 @@ impl Renderer {
                         template: file.template.clone(),
                         mode: file.mode.bits(),
                         owner: file.owner.clone(),
+                        secrets: BTreeSet::new(),
                     },
                     source,
                 ));
@@ -129,7 +156,7 @@ impl Renderer {
             Some(Format::Text) | None => AutoEscape::None,
         });
         let mut files = Vec::new();
-        for (planned, source) in sources {
+        for (mut planned, source) in sources {
             env.add_template_owned(planned.path.clone(), source)
                 .map_err(|e| {
                     anyhow!(
@@ -138,22 +165,53 @@ impl Renderer {
                         planned.path
                     )
                 })?;
+            planned.secrets = secrets_used(&env, &planned, settings)?;
             files.push(planned);
+        }
+        for name in settings.secrets.keys() {
+            if !files.iter().any(|f| f.secrets.contains(name)) {
+                anyhow::bail!("secrets.{name} is used by no template: use it as {{{{ secrets.{name} }}}} in a file's template, or remove it");
+            }
         }
         Ok(Renderer { env, files })
     }
 
-    /// Renders every file.
-    pub fn render(&self, ctx: &Context<'_>) -> anyhow::Result<Vec<RenderedFile>> {
+    /// Renders every file; `secrets`: their values by name (only the files that name them
+    /// see them).
+    pub fn render(
+        &self,
+        ctx: &Context<'_>,
+        secrets: &BTreeMap<&str, &str>,
+    ) -> anyhow::Result<Vec<RenderedFile>> {
         self.files
             .iter()
             .map(|f| {
                 let template = self.env.get_template(&f.path)?;
                 let task = minijinja::context! { name => f.task, family => f.family };
-                let contents = template
-                    .render(minijinja::context! { task, ..Value::from_serialize(ctx) })
-                    .map_err(|e| anyhow!("{e:#}"))
-                    .with_context(|| format!("rendering {} from {}", f.path, f.template))?;
+                let base = Value::from_serialize(ctx);
+                let rendered = if f.secrets.is_empty() {
+                    template.render(minijinja::context! { task, ..base })
+                } else {
+                    let mine: BTreeMap<&str, &str> = secrets
+                        .iter()
+                        .filter(|(n, _)| f.secrets.contains(**n))
+                        .map(|(n, v)| (*n, *v))
+                        .collect();
+                    let secrets = Value::from_serialize(&mine);
+                    template.render(minijinja::context! { task, secrets, ..base })
+                };
+                // A template error may quote what it rendered: never a secret's file's.
+                let contents = Zeroizing::new(
+                    rendered
+                        .map_err(|e| {
+                            if f.secrets.is_empty() {
+                                anyhow!("{e:#}")
+                            } else {
+                                anyhow!("{} (line {})", e.kind(), e.line().unwrap_or_default())
+                            }
+                        })
+                        .with_context(|| format!("rendering {} from {}", f.path, f.template))?,
+                );
                 Ok(RenderedFile {
                     task: f.task.clone(),
                     path: f.path.clone(),
@@ -161,10 +219,49 @@ impl Renderer {
                     owner: f.owner.clone(),
                     sha256: sha256_hex(contents.as_bytes()),
                     contents,
+                    secrets: f.secrets.iter().cloned().collect(),
                 })
             })
             .collect()
     }
+}
+
+/// The secrets `f`'s template names; each must be configured, and the file no wider than
+/// [`SECRET_FILE_MODE`].
+fn secrets_used(
+    env: &Environment<'static>,
+    f: &Planned,
+    settings: &Settings,
+) -> anyhow::Result<BTreeSet<String>> {
+    let template = env.get_template(&f.path)?;
+    let names = template.undeclared_variables(true);
+    let mut used = BTreeSet::new();
+    for name in &names {
+        if name == "secrets" {
+            // The whole table (`secrets[x]`, a loop): every secret.
+            used.extend(settings.secrets.keys().cloned());
+        } else if let Some(secret) = name.strip_prefix("secrets.") {
+            let secret = secret.split('.').next().unwrap_or_default();
+            if !settings.secrets.contains_key(secret) {
+                anyhow::bail!(
+                    "template {} for {} uses secrets.{secret}, which is not configured: add [secrets.{secret}] with its `from`",
+                    f.template,
+                    f.path
+                );
+            }
+            used.insert(secret.to_string());
+        }
+    }
+    if !used.is_empty() && f.mode & !SECRET_FILE_MODE != 0 {
+        anyhow::bail!(
+            "tasks.{}.files.{:?}: mode {:04o} would let others read the secrets it holds ({}); use 0640 or narrower, and an `owner` the task's user is",
+            f.task,
+            f.path,
+            f.mode,
+            used.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(used)
 }
 
 /// Checks that a one-line template (a health-check URL) compiles.
@@ -273,149 +370,4 @@ fn shell_words(value: &Value) -> Result<String, Error> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{from_fragments, Fragment};
-
-    fn facts() -> InstanceFacts {
-        InstanceFacts {
-            instance_id: "i-0123456789abcdef0".into(),
-            local_ipv4: "10.0.1.7".into(),
-            region: "us-west-1".into(),
-            availability_zone: "us-west-1a".into(),
-            instance_type: "m4.xlarge".into(),
-            ami_id: "ami-7d664a1d".into(),
-        }
-    }
-
-    fn render(
-        settings: &Settings,
-        read: &dyn Fn(&str) -> anyhow::Result<String>,
-    ) -> BTreeMap<String, RenderedFile> {
-        let facts = facts();
-        let servers = vec!["10.0.0.5".to_string(), "10.0.0.6".to_string()];
-        let ctx = Context {
-            instance: &facts,
-            cluster: &settings.cluster,
-            consul: ConsulContext {
-                servers: &servers,
-                datacenter: &settings.consul.datacenter,
-                server_tag: &settings.consul.server_tag,
-            },
-            ecs: EcsContext {
-                container_instance_arn: None,
-            },
-            vars: &settings.vars,
-        };
-        Renderer::new(settings, read)
-            .unwrap()
-            .render(&ctx)
-            .unwrap()
-            .into_iter()
-            .map(|f| (f.path.clone(), f))
-            .collect()
-    }
-
-    fn no_files(p: &str) -> anyhow::Result<String> {
-        Err(anyhow!("unexpected read of {p}"))
-    }
-
-    #[test]
-    fn defaults_match_the_old_scripts_files() {
-        let settings = from_fragments(&[]).unwrap();
-        let files = render(&settings, &no_files);
-        let consul: serde_json::Value =
-            serde_json::from_str(&files["/opt/consul/config/consul-agent.json"].contents).unwrap();
-        assert_eq!(
-            consul,
-            serde_json::json!({
-                "advertise_addr": "10.0.1.7",
-                "client_addr": "0.0.0.0",
-                "datacenter": "dc1",
-                "node_name": "i-0123456789abcdef0",
-                "retry_join": ["10.0.0.5", "10.0.0.6"],
-            })
-        );
-        let start = &files["/opt/consul-registrator/bin/start.sh"];
-        assert_eq!(start.mode, 0o755);
-        assert_eq!(
-            start.contents,
-            "#!/bin/sh\nexec /bin/registrator -ip 10.0.1.7 -retry-attempts -1 consul://10.0.1.7:8500\n"
-        );
-        let linkerd: serde_yaml::Value =
-            serde_yaml::from_str(&files["/etc/linkerd/linkerd.yaml"].contents).unwrap();
-        let old = include_str!("../tests/data/old-linkerd.yaml")
-            .replace("${EC2_INSTANCE_IP_ADDRESS}", "10.0.1.7");
-        assert_eq!(
-            linkerd,
-            serde_yaml::from_str::<serde_yaml::Value>(&old).unwrap()
-        );
-    }
-
-    #[test]
-    fn hostile_values_stay_literal_in_every_format() {
-        let hostile = "a\"b'c\n{{ x }}$(reboot)`id`\\ \u{2028}end";
-        let toml_str = |s: &str| toml::Value::String(s.into()).to_string();
-        let settings = from_fragments(&[Fragment::file(
-            "test",
-            format!(
-                "[consul]\ndatacenter = {dc}\n[vars]\nv = {dc}\n\
-                 [tasks.linkerd.files.\"/opt/x/out.sh\"]\ntemplate = \"/etc/nodeagent/t/sh\"\nmode = \"0755\"\n\
-                 [tasks.linkerd.files.\"/opt/x/out.yml\"]\ntemplate = \"/etc/nodeagent/t/yml\"\nmode = \"0644\"\n",
-                dc = toml_str(hostile)
-            ),
-        )])
-        .unwrap();
-        let read = |p: &str| -> anyhow::Result<String> {
-            Ok(match p {
-                "/etc/nodeagent/t/sh" => "#!/bin/sh\nprintf '%s' {{ vars.v }}\n".into(),
-                _ => "v: {{ vars.v }}\nlist: {{ consul.servers }}\n".into(),
-            })
-        };
-        let files = render(&settings, &read);
-        let consul: serde_json::Value =
-            serde_json::from_str(&files["/opt/consul/config/consul-agent.json"].contents).unwrap();
-        assert_eq!(consul["datacenter"], hostile);
-        let yaml: serde_yaml::Value =
-            serde_yaml::from_str(&files["/opt/x/out.yml"].contents).unwrap();
-        assert_eq!(yaml["v"].as_str(), Some(hostile));
-        let linkerd: serde_yaml::Value =
-            serde_yaml::from_str(&files["/etc/linkerd/linkerd.yaml"].contents).unwrap();
-        assert_eq!(
-            linkerd["routers"][0]["dtab"].as_str().unwrap(),
-            format!("/svc => /#/io.l5d.consul/{hostile};\n")
-        );
-        let sh = &files["/opt/x/out.sh"].contents;
-        let words = shlex::split(sh.strip_prefix("#!/bin/sh\n").unwrap()).unwrap();
-        assert_eq!(words, vec!["printf", "%s", hostile]);
-    }
-
-    #[test]
-    fn undefined_variables_are_errors() {
-        let settings = from_fragments(&[Fragment::file(
-            "test",
-            "[tasks.linkerd.files.\"/opt/x/a.json\"]\ntemplate = \"/etc/nodeagent/t\"\nmode = \"0644\"\n",
-        )])
-        .unwrap();
-        let facts = facts();
-        let ctx = Context {
-            instance: &facts,
-            cluster: "c",
-            consul: ConsulContext {
-                servers: &[],
-                datacenter: "dc1",
-                server_tag: &settings.consul.server_tag,
-            },
-            ecs: EcsContext {
-                container_instance_arn: None,
-            },
-            vars: &settings.vars,
-        };
-        let read = |_: &str| Ok("{{ vars.missing }}".to_string());
-        let err = Renderer::new(&settings, &read)
-            .unwrap()
-            .render(&ctx)
-            .unwrap_err();
-        assert!(format!("{err:#}").contains("/opt/x/a.json"), "{err:#}");
-    }
-}
+mod tests;

@@ -172,6 +172,10 @@ impl Runtime for DockerRuntime {
         self.docker.logs_tail(&instance.id, lines).await
     }
 
+    async fn signal(&self, instance: &Instance, signal: &str) -> anyhow::Result<()> {
+        self.docker.kill(&instance.id, signal).await
+    }
+
     async fn events(&self) -> anyhow::Result<BoxStream<'static, anyhow::Result<RuntimeEvent>>> {
         self.docker.ping().await?;
         let stream = self

@@ -47,6 +47,10 @@ pub trait Runtime: Send + Sync {
     async fn wait_stopped(&self, _instance: &Instance, _limit: Duration) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Sends `signal` (`SIGHUP`) to a running instance, for a task that reloads its files.
+    async fn signal(&self, _instance: &Instance, signal: &str) -> anyhow::Result<()> {
+        anyhow::bail!("this runtime cannot send {signal} to a task: restart it instead")
+    }
     /// Events from now on; the stream ends or errs when the runtime goes away.
     async fn events(&self) -> anyhow::Result<BoxStream<'static, anyhow::Result<RuntimeEvent>>>;
 }

@@ -106,6 +106,19 @@ pub fn render(status: &NodeStatus) -> String {
             .map(|(op, c)| (labels(&[("operation", op)]), c.throttled.to_string()))
             .collect(),
     );
+    family(
+        "nodeagent_secret_refresh_failing",
+        "gauge",
+        "1 while a secret's last refresh failed (the value in use stays), by secret name.",
+        status
+            .secrets
+            .iter()
+            .map(|s| {
+                let failing = u8::from(s.error.is_some());
+                (labels(&[("secret", &s.name)]), failing.to_string())
+            })
+            .collect(),
+    );
     out
 }
 

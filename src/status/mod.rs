@@ -17,7 +17,9 @@ use crate::boot::{BootReport, PhaseTime};
 pub use crate::config::trust::Ignored;
 use crate::facts::InstanceFacts;
 pub use crate::lifecycle::drain::DrainStatus;
+pub use crate::lifecycle::rotate::{Rotated, SecretStatus};
 pub use crate::phase::Phase;
+use crate::render::RenderedFile;
 use crate::supervisor::{State, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -63,6 +65,10 @@ pub struct NodeStatus {
     /// value): `key`, `layer`, `why` — never the value.
     #[serde(default)]
     pub ignored: Vec<Ignored>,
+    /// The secrets in use: `name`, `source`, `version`, `read_at`, `refresh_s`, `rotated`
+    /// (`from`, `to`, `at`), `error` — never a value.
+    #[serde(default)]
+    pub secrets: Vec<SecretStatus>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -216,17 +222,17 @@ impl Board {
                 servers: report.consul_servers.clone(),
                 found_at: Some(rfc3339(found_at)),
             };
-            s.files = report
-                .files
-                .iter()
-                .map(|f| File {
-                    path: f.path.clone(),
-                    task: f.task.clone(),
-                    sha256: f.sha256.clone(),
-                    mode: format!("{:04o}", f.mode),
-                })
-                .collect();
+            s.files = files(&report.files);
         });
+    }
+
+    /// The rendered files as they are now (a rotation rendered them again).
+    pub fn set_files(&self, rendered: &[RenderedFile]) {
+        self.update(|s| s.files = files(rendered));
+    }
+
+    pub fn set_secrets(&self, secrets: Vec<SecretStatus>) {
+        self.update(|s| s.secrets = secrets);
     }
 
     pub fn set_tasks(&self, tasks: &[TaskStatus]) {
@@ -305,6 +311,18 @@ impl NodeStatus {
     }
 }
 
+fn files(rendered: &[RenderedFile]) -> Vec<File> {
+    rendered
+        .iter()
+        .map(|f| File {
+            path: f.path.clone(),
+            task: f.task.clone(),
+            sha256: f.sha256.clone(),
+            mode: format!("{:04o}", f.mode),
+        })
+        .collect()
+}
+
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_millis(t).to_string()
 }
@@ -355,7 +373,7 @@ pub(crate) mod tests {
         json["tasks"][0]["since"] = "T".into();
         assert_eq!(
             serde_json::to_string(&json).unwrap(),
-            r#"{"aws_calls":{},"cluster":"","consul":{"found_at":null,"servers":[]},"container_instance_arn":null,"drain":null,"files":[],"healthy":false,"ignored":[],"instance_id":"i-1","node":null,"phase":"supervise","phase_detail":null,"phases":[{"phase":"discover","started_ms":1.5,"took_ms":2.0}],"readiness":null,"runtime":"","started_at":"","tasks":[{"adopted":false,"health":null,"health_latency_ms":null,"instance":null,"last_exit":{"code":3,"reason":"died"},"last_output":null,"name":"linkerd","restarts":7,"runtime":"docker","since":"T","state":"crash-loop"}],"version":1}"#
+            r#"{"aws_calls":{},"cluster":"","consul":{"found_at":null,"servers":[]},"container_instance_arn":null,"drain":null,"files":[],"healthy":false,"ignored":[],"instance_id":"i-1","node":null,"phase":"supervise","phase_detail":null,"phases":[{"phase":"discover","started_ms":1.5,"took_ms":2.0}],"readiness":null,"runtime":"","secrets":[],"started_at":"","tasks":[{"adopted":false,"health":null,"health_latency_ms":null,"instance":null,"last_exit":{"code":3,"reason":"died"},"last_output":null,"name":"linkerd","restarts":7,"runtime":"docker","since":"T","state":"crash-loop"}],"version":1}"#
         );
         let keys: Vec<String> = serde_json::to_string_pretty(&s)
             .unwrap()
@@ -383,7 +401,8 @@ pub(crate) mod tests {
                 "tasks",
                 "files",
                 "aws_calls",
-                "ignored"
+                "ignored",
+                "secrets"
             ],
             "the documented order"
         );

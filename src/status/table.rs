@@ -62,6 +62,9 @@ impl NodeStatus {
                 age(found, now)
             );
         }
+        if !self.secrets.is_empty() {
+            let _ = writeln!(out, "secrets    {}", self.secrets_line(now));
+        }
         for i in &self.ignored {
             let _ = writeln!(out, "ignored    {} ({}): {}", i.key, i.layer, i.why);
         }
@@ -166,6 +169,38 @@ fn columns<const N: usize>(head: &[&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
+impl NodeStatus {
+    /// `rotated gossip (v3→v4) 12 s ago`, else each secret's version; failed refreshes named.
+    pub fn secrets_line(&self, now: SystemTime) -> String {
+        let latest = self
+            .secrets
+            .iter()
+            .filter_map(|s| s.rotated.as_ref().map(|r| (s, r)))
+            .max_by(|a, b| a.1.at.cmp(&b.1.at));
+        let mut line = match latest {
+            Some((s, r)) => format!(
+                "rotated {} ({}→{}) {} ago",
+                s.name,
+                r.from,
+                r.to,
+                age(&r.at, now)
+            ),
+            None => {
+                let each: Vec<String> = self
+                    .secrets
+                    .iter()
+                    .map(|s| format!("{} {}", s.name, s.version))
+                    .collect();
+                each.join(", ")
+            }
+        };
+        for s in self.secrets.iter().filter(|s| s.error.is_some()) {
+            let _ = write!(line, "; {} not refreshed", s.name);
+        }
+        line
+    }
+}
+
 /// "3m12s" since an RFC 3339 time.
 fn age(at: &str, now: SystemTime) -> String {
     let Ok(t) = humantime::parse_rfc3339_weak(at) else {
@@ -190,7 +225,7 @@ mod tests {
     use super::*;
     use crate::phase::Phase;
     use crate::status::tests::task;
-    use crate::status::{Exit, File};
+    use crate::status::{rfc3339, Exit, File, Rotated, SecretStatus};
 
     #[test]
     fn the_table_has_a_row_per_task_and_file() {
@@ -232,5 +267,33 @@ mod tests {
             table.contains("/etc/linkerd/linkerd.yaml  linkerd  0123456789ab"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn the_secrets_line_names_the_last_rotation_or_each_version() {
+        let now = SystemTime::now();
+        let secret = |name: &str, version: &str| SecretStatus {
+            name: name.into(),
+            source: format!("ssm:/{name}"),
+            version: version.into(),
+            ..Default::default()
+        };
+        let mut s = NodeStatus {
+            secrets: vec![secret("agent_token", "5f0c9b1e"), secret("gossip", "v4")],
+            ..NodeStatus::default()
+        };
+        assert_eq!(s.secrets_line(now), "agent_token 5f0c9b1e, gossip v4");
+        s.secrets[1].rotated = Some(Rotated {
+            from: "v3".into(),
+            to: "v4".into(),
+            at: rfc3339(now - Duration::from_secs(12)),
+        });
+        s.secrets[0].error = Some("throttled".into());
+        let line = s.secrets_line(now);
+        assert_eq!(
+            line,
+            "rotated gossip (v3→v4) 12s ago; agent_token not refreshed"
+        );
+        assert!(s.table(now).contains(&format!("secrets    {line}\n")));
     }
 }

@@ -18,6 +18,7 @@
 //! reconcile's listing is made in the loop (bounded by the runtime). Time is tokio's, so the
 //! loop runs on a paused clock in its tests.
 
+mod control;
 pub mod health;
 mod reactions;
 mod reconcile;
@@ -28,6 +29,8 @@ mod tests;
 use crate::config::Supervision;
 use crate::retry::{jitter, FullJitter};
 use crate::runtime::{Exit, Instance, Runtime, RuntimeEvent};
+use control::{Ask, HoldRequest};
+pub use control::{Control, Liveness};
 use futures_util::stream::BoxStream;
 use futures_util::StreamExt;
 use health::{Probe, Prober};
@@ -146,52 +149,8 @@ enum Job {
     },
     /// A held task's instance was stopped.
     Held(usize, anyhow::Result<()>),
-}
-
-/// A request to the loop: suspend (no restart from now on; the instance is left as it is) or
-/// hold (suspend, and stop the instance), answered when done.
-type HoldRequest = (String, bool, oneshot::Sender<anyhow::Result<()>>);
-
-/// Asks the loop to stop a task and keep it stopped (a drain stops the tasks one by one, in
-/// reverse start order, around Consul's leave).
-#[derive(Clone)]
-pub struct Control(mpsc::Sender<HoldRequest>);
-
-impl Control {
-    /// Stops `task` and keeps it stopped; returns once it has stopped.
-    pub async fn hold(&self, task: &str) -> anyhow::Result<()> {
-        self.ask(task, true).await
-    }
-
-    /// Restarts `task` no more, whatever happens to it, and leaves it running (before asking
-    /// it to exit by itself, as Consul's leave does).
-    pub async fn suspend(&self, task: &str) -> anyhow::Result<()> {
-        self.ask(task, false).await
-    }
-
-    async fn ask(&self, task: &str, stop: bool) -> anyhow::Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.0
-            .send((task.to_string(), stop, tx))
-            .await
-            .map_err(|_| anyhow::anyhow!("the supervision loop has ended"))?;
-        rx.await
-            .map_err(|_| anyhow::anyhow!("the supervision loop has ended"))?
-    }
-}
-
-/// Asks the supervision loop whether it is turning: the loop answers between two of its steps,
-/// so a loop stuck in a call (a hung engine) does not answer. Feeds the systemd watchdog.
-#[derive(Clone)]
-pub struct Liveness(mpsc::Sender<oneshot::Sender<()>>);
-
-impl Liveness {
-    /// Whether the loop answered within `within`.
-    pub async fn responsive(&self, within: Duration) -> bool {
-        let (tx, rx) = oneshot::channel();
-        let asked = async { self.0.send(tx).await.is_ok() && rx.await.is_ok() };
-        tokio::time::timeout(within, asked).await.unwrap_or(false)
-    }
+    /// A signal was sent (or not), its asker answered.
+    Signalled(anyhow::Result<()>, oneshot::Sender<anyhow::Result<()>>),
 }
 
 pub struct Supervisor {
@@ -326,7 +285,11 @@ impl Supervisor {
                 Some(reply) = self.pings.recv() => {
                     let _ = reply.send(());
                 }
-                Some((task, stop, done)) = self.holds.recv() => self.hold(&task, stop, done, &mut jobs),
+                Some((task, ask, done)) = self.holds.recv() => match ask {
+                    Ask::Hold | Ask::Suspend => self.hold(&task, ask == Ask::Hold, done, &mut jobs),
+                    Ask::Restart(why) => self.restart_now(&task, &why, done, &mut jobs),
+                    Ask::Signal(signal) => self.signal(&task, &signal, done, &mut jobs),
+                },
                 event = next_event(&mut events) => match event {
                     Some(Ok(RuntimeEvent::Exited { id, exit })) => self.on_exited(&id, exit, false, &mut jobs),
                     Some(Err(e)) => {

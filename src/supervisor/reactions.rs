@@ -1,5 +1,5 @@
 //! How the loop reacts: to a job done (a start, a probe, a stop, a task's output), to an
-//! instance that ended, to a request to hold or suspend a task.
+//! instance that ended, to a request to hold, suspend, restart or signal a task.
 
 use super::slot::backoff;
 use super::{Job, State, Supervisor, Until, FIRST_PROBES};
@@ -22,6 +22,9 @@ impl Supervisor {
             Job::Started(i, Err(_)) if self.slots[i].held => {
                 self.slots[i].busy = false;
                 self.slots[i].release_waiters(&Ok(()));
+            }
+            Job::Signalled(result, done) => {
+                let _ = done.send(result);
             }
             Job::Held(i, result) => {
                 let slot = &mut self.slots[i];
@@ -302,11 +305,16 @@ impl Supervisor {
         slot.next_probe = None;
         slot.next_start = Some(now + delay);
         slot.dead = Some(dead);
-        // Dependents that asked for it go down with their dependency and come back after it.
+        self.restart_dependents(&name, jobs);
+    }
+
+    /// Dependents that asked for it go down with their dependency and come back after it.
+    fn restart_dependents(&mut self, name: &str, jobs: &mut JoinSet<Job>) {
+        let now = Instant::now();
         for j in 0..self.slots.len() {
             let dependent = &mut self.slots[j];
             if !(dependent.spec.restart_with_dependencies
-                && dependent.spec.depends_on.contains(&name))
+                && dependent.spec.depends_on.iter().any(|d| d == name))
             {
                 continue;
             }
@@ -319,5 +327,70 @@ impl Supervisor {
                 self.stop_in_job(Some(j), inst, jobs);
             }
         }
+    }
+
+    /// Replaces `task`'s running instance now, outside the failure counters (its files
+    /// changed); `done` hears once the replacement is scheduled.
+    pub(super) fn restart_now(
+        &mut self,
+        task: &str,
+        why: &str,
+        done: oneshot::Sender<anyhow::Result<()>>,
+        jobs: &mut JoinSet<Job>,
+    ) {
+        let Some(i) = self.slots.iter().position(|s| s.spec.name == task) else {
+            let _ = done.send(Err(anyhow::anyhow!("no task {task} is supervised")));
+            return;
+        };
+        let slot = &mut self.slots[i];
+        if slot.suspended {
+            let _ = done.send(Err(anyhow::anyhow!("{task} is held stopped (a drain)")));
+            return;
+        }
+        let Some(mut old) = slot.instance.take() else {
+            // Not running: its next start reads the new files.
+            let _ = done.send(Ok(()));
+            return;
+        };
+        info!(task = %task, id = %old.id, "{task}: restarting: {why}");
+        old.running = true;
+        slot.restarts += 1;
+        slot.set_state(State::Restarting);
+        slot.last_exit = Some(Exit {
+            code: None,
+            reason: why.to_string(),
+        });
+        slot.healthy_since = None;
+        slot.next_probe = None;
+        slot.next_start = Some(Instant::now());
+        if let Some(dead) = slot.dead.replace(old) {
+            self.stop_in_job(Some(i), dead, jobs);
+        }
+        self.restart_dependents(task, jobs);
+        let _ = done.send(Ok(()));
+    }
+
+    /// Sends `signal` to `task`'s running instance, in a job.
+    pub(super) fn signal(
+        &mut self,
+        task: &str,
+        signal: &str,
+        done: oneshot::Sender<anyhow::Result<()>>,
+        jobs: &mut JoinSet<Job>,
+    ) {
+        let instance = self
+            .slots
+            .iter()
+            .find(|s| s.spec.name == task)
+            .and_then(|s| s.instance.clone());
+        let Some(instance) = instance else {
+            let _ = done.send(Err(anyhow::anyhow!(
+                "{task} has no running instance to signal"
+            )));
+            return;
+        };
+        info!(task = %task, id = %instance.id, "{task}: sending {signal}");
+        let (runtime, signal) = (self.runtime.clone(), signal.to_string());
+        jobs.spawn(async move { Job::Signalled(runtime.signal(&instance, &signal).await, done) });
     }
 }

@@ -435,3 +435,40 @@ async fn until_all_started_returns_once_every_task_runs_and_fails_on_a_start_err
         "{err:#}"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_restart_on_request_replaces_only_that_task_outside_the_crash_loop_counters() {
+    let (fake, health) = fresh();
+    let mut r = supervise(fake, health, policy(), three());
+    r.all_healthy().await;
+    let before = r.task("consul-agent").instance.unwrap();
+    // More restarts than a crash loop allows: each asked for, none a failure.
+    for _ in 0..6 {
+        r.control
+            .restart("consul-agent", "secret rotated")
+            .await
+            .unwrap();
+        r.until(Duration::from_secs(60), "consul-agent back", |ts| {
+            ts.iter().any(|t| {
+                t.name == "consul-agent"
+                    && t.state == State::Healthy
+                    && t.instance.as_deref() != Some(before.as_str())
+            })
+        })
+        .await;
+        r.all_healthy().await;
+    }
+    assert_eq!(r.fake.starts_of("consul-agent").len(), 7);
+    assert_eq!(r.fake.starts_of("linkerd").len(), 1, "the others untouched");
+    assert_eq!(r.fake.starts_of("consul-registrator").len(), 1);
+    let consul = r.task("consul-agent");
+    assert_eq!(consul.restarts, 6);
+    assert_eq!(consul.state, State::Healthy, "no crash-loop");
+    assert_eq!(
+        r.fake.running_ids("consul-agent").len(),
+        1,
+        "the old one stopped"
+    );
+    let err = r.control.signal("linkerd", "SIGHUP").await.unwrap_err();
+    assert!(format!("{err:#}").contains("cannot send SIGHUP"), "{err:#}");
+}

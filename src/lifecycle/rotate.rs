@@ -1,0 +1,304 @@
+//! Rotation: owns keeping the node's secrets current. Each secret is read again every
+//! `refresh` (one `GetParameters` per ten due parameters, one `GetSecretValue` per secret;
+//! a failed read is retried with full jitter within the refresh, then waits for the next);
+//! when a value changed, every file is rendered again (only the changed ones are written) and
+//! the tasks owning a changed file are restarted one at a time in start order — or sent their
+//! `reload` signal — each given `supervision.ready_timeout` to be healthy again before the
+//! next (the readiness attribute stays: a restart shorter than `degraded_grace` keeps it). What it did is reported as [`SecretStatus`] (status, logs), never a value.
+
+use crate::boot::render_files;
+use crate::config::Settings;
+use crate::facts::InstanceFacts;
+use crate::hostfs::HostFs;
+use crate::retry::{jitter, FullJitter};
+use crate::secrets::{fetch_once, SecretStore, Secrets, Wanted};
+use crate::supervisor::{Control, State, TaskStatus};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+/// A failed refresh is tried again from/to these (full jitter), within its refresh.
+const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(20));
+/// Secrets due within this of each other are read together (one `GetParameters`).
+const BATCH_WINDOW: Duration = Duration::from_secs(1);
+
+/// One secret as status shows it: where it comes from and which version is in use.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecretStatus {
+    pub name: String,
+    /// `ssm:/…` or `secretsmanager:…#key`.
+    pub source: String,
+    /// `v3` (a parameter's version) or the start of a Secrets Manager `VersionId`.
+    pub version: String,
+    /// When it was last read (RFC 3339).
+    pub read_at: String,
+    /// `null` for a secret read once (`refresh = "0s"`).
+    pub refresh_s: Option<u64>,
+    /// The last change: `from` and `to` versions, `at` (RFC 3339).
+    pub rotated: Option<Rotated>,
+    /// Why the last refresh failed (the value in use stays), `null` when it did not.
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rotated {
+    pub from: String,
+    pub to: String,
+    pub at: String,
+}
+
+/// The secrets' refresh and what a change sets off.
+pub struct Rotation {
+    pub store: Arc<dyn SecretStore>,
+    pub settings: Settings,
+    pub facts: InstanceFacts,
+    pub servers: Vec<String>,
+    pub container_instance: Option<String>,
+    pub fs: Arc<dyn HostFs>,
+    pub control: Control,
+    pub tasks: watch::Receiver<Vec<TaskStatus>>,
+    /// The secrets the boot read.
+    pub current: Secrets,
+    /// Hears the files each time a rotation rendered them again.
+    pub files: watch::Sender<Vec<crate::render::RenderedFile>>,
+}
+
+/// Every secret's status as the boot read it.
+pub fn statuses(settings: &Settings, secrets: &Secrets) -> Vec<SecretStatus> {
+    secrets
+        .0
+        .iter()
+        .map(|(name, c)| SecretStatus {
+            name: name.clone(),
+            source: c.source.to_string(),
+            version: c.fetched.version.clone(),
+            read_at: crate::status::rfc3339(c.fetched_at),
+            refresh_s: settings
+                .secrets
+                .get(name)
+                .map(|s| s.refresh.as_secs())
+                .filter(|s| *s > 0),
+            rotated: None,
+            error: None,
+        })
+        .collect()
+}
+
+impl Rotation {
+    /// Refreshes until dropped; `progress` hears every secret's status after each refresh.
+    pub async fn run(mut self, progress: watch::Sender<Vec<SecretStatus>>) {
+        let mut status = statuses(&self.settings, &self.current);
+        let refresh: BTreeMap<String, Duration> = self
+            .settings
+            .secrets
+            .iter()
+            .filter(|(_, s)| !s.refresh.is_zero())
+            .map(|(n, s)| (n.clone(), s.refresh))
+            .collect();
+        let mut due: BTreeMap<String, Instant> = refresh
+            .iter()
+            .map(|(n, r)| (n.clone(), Instant::now() + jitter(*r)))
+            .collect();
+        let Some(first) = due.values().min().copied() else {
+            return; // every secret is read once
+        };
+        let mut next = first;
+        loop {
+            tokio::time::sleep_until(next).await;
+            let now = Instant::now();
+            let names: Vec<String> = due
+                .iter()
+                .filter(|(_, t)| **t <= now + BATCH_WINDOW)
+                .map(|(n, _)| n.clone())
+                .collect();
+            let wanted: Vec<Wanted> = names
+                .iter()
+                .filter_map(|n| self.current.0.get(n).map(|c| (n.clone(), c.source.clone())))
+                .collect();
+            let shortest = names.iter().map(|n| refresh[n]).min().unwrap_or(RETRY.1);
+            let read = read_within(self.store.as_ref(), &wanted, now + shortest).await;
+            let mut changed = BTreeMap::new();
+            for (name, result) in read {
+                let entry = status.iter_mut().find(|s| s.name == name);
+                let (Some(entry), Some(current)) = (entry, self.current.0.get_mut(&name)) else {
+                    continue;
+                };
+                match result {
+                    Ok(fetched) => {
+                        entry.error = None;
+                        entry.read_at = crate::status::rfc3339(SystemTime::now());
+                        current.fetched_at = SystemTime::now();
+                        if fetched.value != current.fetched.value {
+                            let (from, to) =
+                                (current.fetched.version.clone(), fetched.version.clone());
+                            info!(secret = %name, from = %from, to = %to, "secrets: rotated {name} ({from}→{to})");
+                            entry.rotated = Some(Rotated {
+                                from: from.clone(),
+                                to: to.clone(),
+                                at: crate::status::rfc3339(SystemTime::now()),
+                            });
+                            changed.insert(name.clone(), format!("{from}→{to}"));
+                            current.fetched = fetched;
+                        }
+                        entry.version = current.fetched.version.clone();
+                    }
+                    Err(e) => {
+                        let why = format!("{e:#}");
+                        warn!(secret = %name, "secrets: could not refresh {name}, keeping the value in use ({}): {why}", entry.version);
+                        entry.error = Some(why);
+                    }
+                }
+            }
+            for name in &names {
+                due.insert(name.clone(), Instant::now() + jitter(refresh[name]));
+            }
+            progress.send_replace(status.clone());
+            if !changed.is_empty() {
+                self.apply(&changed).await;
+            }
+            next = due.values().min().copied().unwrap_or(next);
+        }
+    }
+
+    /// Renders the files again and restarts (or reloads) the tasks whose files changed, one
+    /// at a time in start order.
+    async fn apply(&mut self, changed: &BTreeMap<String, String>) {
+        let what: Vec<String> = changed.iter().map(|(n, v)| format!("{n} ({v})")).collect();
+        let what = format!("secret {} rotated", what.join(", "));
+        let before = self.files_now();
+        let rendered = render_files(
+            &self.settings,
+            &self.facts,
+            &self.servers,
+            self.container_instance.as_deref(),
+            &self.current.values(),
+            self.fs.as_ref(),
+            self.fs.as_ref(),
+        );
+        let files = match rendered {
+            Ok(files) => files,
+            Err(e) => {
+                warn!("secrets: {what}, but the files could not be rendered again ({e:#}); the tasks keep the files they have");
+                return;
+            }
+        };
+        let owners: BTreeSet<String> = files
+            .iter()
+            .filter(|f| before.get(&f.path) != Some(&f.sha256))
+            .map(|f| f.task.clone())
+            .collect();
+        let order: Vec<String> = self
+            .settings
+            .start_levels()
+            .into_iter()
+            .flatten()
+            .map(|t| t.name.to_string())
+            .filter(|t| owners.contains(t))
+            .collect();
+        self.files.send_replace(files);
+        for task in order {
+            self.renew(&task, &what).await;
+        }
+    }
+
+    /// The sha256 of every rendered file on disk now, by path.
+    fn files_now(&self) -> BTreeMap<String, String> {
+        let mut files = BTreeMap::new();
+        for task in self.settings.enabled_tasks() {
+            for path in self.settings.tasks[task.name].files.keys() {
+                if let Ok(Some(bytes)) = self.fs.read(path) {
+                    let bytes = zeroize::Zeroizing::new(bytes);
+                    files.insert(path.clone(), crate::render::sha256_hex(&bytes));
+                }
+            }
+        }
+        files
+    }
+
+    /// Reloads or restarts `task`, then waits (at most `ready_timeout`) for it to be healthy.
+    async fn renew(&mut self, task: &str, why: &str) {
+        let instance_before = self.instance_of(task);
+        // (`restart` answers once the replacement is scheduled: the old instance still shows.)
+        let reload = self.settings.tasks[task].reload.clone();
+        let replaced = match reload {
+            Some(signal) => match self.control.signal(task, &signal).await {
+                Ok(()) => {
+                    info!(task = %task, "{task}: sent {signal}: {why}");
+                    false
+                }
+                Err(e) => {
+                    warn!(task = %task, "{task}: cannot send {signal} ({e:#}); restarting it instead");
+                    self.restart(task, why).await
+                }
+            },
+            None => self.restart(task, why).await,
+        };
+        let limit = self.settings.supervision.ready_timeout;
+        let deadline = Instant::now() + limit;
+        let healthy = |tasks: &Vec<TaskStatus>| {
+            tasks.iter().any(|t| {
+                t.name == task
+                    && t.state == State::Healthy
+                    && (!replaced || t.instance.is_some() && t.instance != instance_before)
+            })
+        };
+        let waited = tokio::time::timeout_at(deadline, self.tasks.wait_for(healthy)).await;
+        match waited {
+            Ok(Ok(_)) => info!(task = %task, "{task}: healthy again after the rotation"),
+            Ok(Err(_)) => {}
+            Err(_) => {
+                warn!(task = %task, "{task}: not healthy {limit:?} after the rotation; going on with the next task")
+            }
+        }
+    }
+
+    /// Asks for a restart; whether one is under way.
+    async fn restart(&self, task: &str, why: &str) -> bool {
+        match self
+            .control
+            .restart(task, &format!("restarted: {why}"))
+            .await
+        {
+            Ok(()) => self.instance_of(task).is_some(),
+            Err(e) => {
+                warn!(task = %task, "{task}: not restarted after the rotation: {e:#}");
+                false
+            }
+        }
+    }
+
+    fn instance_of(&self, task: &str) -> Option<String> {
+        self.tasks
+            .borrow()
+            .iter()
+            .find(|t| t.name == task)
+            .and_then(|t| t.instance.clone())
+    }
+}
+
+/// Reads `wanted` once, then again those that failed (full jitter) until `deadline`.
+async fn read_within(
+    store: &dyn SecretStore,
+    wanted: &[Wanted],
+    deadline: Instant,
+) -> BTreeMap<String, anyhow::Result<crate::secrets::Fetched>> {
+    let mut results = fetch_once(store, wanted).await;
+    let mut backoff = FullJitter::new(RETRY.0, RETRY.1);
+    loop {
+        let failed: Vec<Wanted> = wanted
+            .iter()
+            .filter(|(n, _)| results.get(n).is_some_and(|r| r.is_err()))
+            .cloned()
+            .collect();
+        let delay = backoff.next_delay();
+        if failed.is_empty() || Instant::now() + delay >= deadline {
+            return results;
+        }
+        tokio::time::sleep(delay).await;
+        results.extend(fetch_once(store, &failed).await);
+    }
+}
