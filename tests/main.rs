@@ -16,5 +16,6 @@ mod image;
 mod lifecycle;
 mod node;
 mod operator;
+mod secrets;
 mod security;
 mod supervise;

@@ -38,6 +38,11 @@ must_ship=(
   /usr/share/nodeagent/templates/registrator-start.sh
   /usr/share/nodeagent/sample-facts.json
   /usr/share/nodeagent/iam-policy.json
+  /usr/share/nodeagent/examples/consul-1.toml
+  /usr/share/nodeagent/examples/consul-1-facts.json
+  /usr/share/nodeagent/examples/consul-1/consul-agent.json
+  /usr/share/nodeagent/examples/consul-1/ca.pem
+  /usr/share/nodeagent/examples/consul-1/registrator-start.sh
   /usr/share/doc/nodeagent/README.md
 )
 status=0
