@@ -209,6 +209,7 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
     assert_eq!(before.values().sum::<usize>(), 3, "{before:?}");
 
     put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_2).await;
+    let changed = Instant::now();
     let file = "/opt/consul/config/consul-agent.json";
     wait_for_async(
         Duration::from_secs(20),
@@ -216,6 +217,7 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
         async || world.read(file).contains(GOSSIP_2),
     )
     .await;
+    let rendered = changed.elapsed();
     wait_for_async(
         Duration::from_secs(20),
         "the rotation in status",
@@ -231,6 +233,11 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
         },
     )
     .await;
+    // (refresh = 1s: the change is seen within a refresh or two.)
+    println!(
+        "rotation: the file re-rendered {rendered:?} after the change in moto, the node healthy again with the rotation in status after {:?}",
+        changed.elapsed()
+    );
     // Several refreshes later: consul-agent was restarted once, the others never.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let after = starts(&world).await;
@@ -403,7 +410,7 @@ fn the_consul_1_profile_checks_and_renders_field_by_field() {
     assert_eq!(doc["acl"]["enabled"], true);
     assert_eq!(doc["retry_join"], facts["consul_servers"]);
     assert_eq!(doc["advertise_addr"], "10.0.1.23");
-    assert_eq!(doc["tls"]["defaults"]["ca_file"], "/consul/config/ca.pem");
+    assert_eq!(doc["tls"]["defaults"]["ca_file"], "/etc/consul/ca.pem");
     assert_eq!(doc["auto_encrypt"]["tls"], true);
     assert_eq!(doc["ports"]["grpc_tls"], 8503);
     assert_eq!(doc["leave_on_terminate"], true);
@@ -441,5 +448,130 @@ fn the_consul_1_profile_checks_and_renders_field_by_field() {
         )
         .unwrap();
         assert_eq!(td["family"], f.trim_end_matches(".json"));
+    }
+    // The ECS task definition runs Consul as the docker runtime does: the same command, the
+    // config where the command and `ca_file` look, not in the image's own config directory.
+    let profile: toml::Table = std::fs::read_to_string(&profile).unwrap().parse().unwrap();
+    let container = &profile["tasks"]["consul-agent"]["container"];
+    let td: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            repo.join("packaging/task-definitions/consul-1/consul-agent.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let td = &td["containerDefinitions"][0];
+    let command: Vec<&str> = container["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(td["command"], serde_json::json!(command));
+    assert_eq!(
+        command,
+        ["agent", "-config-file", "/etc/consul/consul-agent.json"]
+    );
+    assert!(container["mounts"]
+        .as_array()
+        .unwrap()
+        .contains(&toml::Value::from("/opt/consul/config:/etc/consul:ro")));
+    assert!(td["mountPoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["containerPath"] != "/consul/config"));
+}
+
+/// The Consul 1.x profile booted as the packages ship it (`conf.d/20-consul-1.toml`, its
+/// templates under /usr/share/nodeagent/examples), its secrets in moto, on the stand-ins of
+/// the images it names (`hashicorp/consul:1.20`: an entrypoint that adds
+/// `-config-dir=/consul/config`, chowns that directory and drops to uid 100). The profile
+/// once mounted its config read-only at `/consul/config`: the entrypoint's chown of it failed
+/// (read-only file system) and consul-agent crash-looped; and `-config-file` named a file of
+/// that directory, which Consul then read twice (`retry_join` twice over).
+#[test]
+fn the_consul_1_profile_boots_on_the_images_it_names() {
+    use crate::support::{netns, node::Node};
+    if !netns::enter("the_consul_1_profile_boots_on_the_images_it_names") {
+        return;
+    }
+    let node = Node::start(&[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        put_parameter(&node.world, "/prod/consul/gossip-key", GOSSIP_1).await;
+        put_parameter(
+            &node.world,
+            "/prod/consul/ca-pem",
+            "-----BEGIN CERTIFICATE-----\nMIIBstandin\n-----END CERTIFICATE-----",
+        )
+        .await;
+        create_secret(
+            &node.world,
+            "prod/consul/agent",
+            &format!("{{\"token\": \"{TOKEN}\", \"registrator\": \"reg-{TOKEN}\"}}"),
+        )
+        .await;
+    });
+    let repo = support::repo();
+    for f in ["consul-agent.json", "ca.pem", "registrator-start.sh"] {
+        node.write(
+            &format!("/usr/share/nodeagent/examples/consul-1/{f}"),
+            &std::fs::read_to_string(repo.join("packaging/examples/consul-1").join(f)).unwrap(),
+        );
+    }
+    node.conf_d(
+        "20-consul-1.toml",
+        &std::fs::read_to_string(repo.join("packaging/examples/consul-1.toml")).unwrap(),
+    );
+    let agent = node.run("agent");
+    let started = Instant::now();
+    while !node.healthy() {
+        if started.elapsed() > Duration::from_secs(60) {
+            let ids = node.engine.cli(&["ps", "-aq"]);
+            let logs: Vec<String> = ids
+                .lines()
+                .map(|id| format!("--- {id}\n{}", node.engine.logs(id)))
+                .collect();
+            panic!(
+                "not healthy after 60 s: {:?}\n{}\n--- agent\n{}",
+                node.states(),
+                logs.join("\n"),
+                agent.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let consul = node.container("consul-agent").unwrap();
+    let logs = node.engine.logs(&consul);
+    assert!(logs.contains("Consul agent running"), "{logs}");
+    // Once: no file of the image's config directory named again on the command line.
+    let cmd = node
+        .engine
+        .cli(&["inspect", "-f", "{{json .Config.Cmd}}", &consul]);
+    let cmd: Vec<String> = serde_json::from_str(cmd.trim()).unwrap();
+    assert!(
+        !cmd.iter().any(|a| a.starts_with("/consul/config/")),
+        "the entrypoint reads /consul/config already: {cmd:?}"
+    );
+    let status = node.status().unwrap();
+    assert!(
+        status["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["restarts"] == 0),
+        "nothing crash-looped: {status}"
+    );
+    let registrator = node
+        .engine
+        .logs(&node.container("consul-registrator").unwrap());
+    assert!(
+        registrator.contains("Listening for Docker events"),
+        "{registrator}"
+    );
+    let log = agent.log();
+    for secret in [GOSSIP_1, TOKEN] {
+        assert!(!log.contains(secret), "the log holds a secret:\n{log}");
     }
 }
