@@ -189,3 +189,114 @@ async fn the_boot_waits_for_a_missing_parameter_then_names_it() {
 }
 
 use std::sync::Arc;
+
+/// Watches memory as it is freed: a block that still holds [`MARKER`] when freed was not
+/// zeroed. (The lib's tests run under it; only the test below writes the marker.)
+mod freed {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    pub const MARKER: &str = "zz-secret-marker-5f0c9b1e7d2a4c3b";
+    pub static HOLDING: AtomicUsize = AtomicUsize::new(0);
+
+    pub struct Watch;
+
+    // SAFETY: every call is System's; `dealloc` only reads the block it is given, before
+    // System frees it.
+    unsafe impl GlobalAlloc for Watch {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            unsafe { System.alloc(layout) }
+        }
+
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            let marker = MARKER.as_bytes();
+            if (marker.len()..=1 << 16).contains(&layout.size()) {
+                // SAFETY: the block is `layout.size()` bytes, still allocated.
+                let block = unsafe { std::slice::from_raw_parts(ptr, layout.size()) };
+                if block.windows(marker.len()).any(|w| w == marker) {
+                    HOLDING.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static WATCH: Watch = Watch;
+}
+
+/// A store that makes each value in place (no copy of it kept anywhere else).
+struct Minted;
+
+#[async_trait]
+impl SecretStore for Minted {
+    async fn parameters(&self, names: &[String]) -> anyhow::Result<BTreeMap<String, Fetched>> {
+        Ok(names
+            .iter()
+            .map(|n| {
+                let value = SecretValue::new(String::from(freed::MARKER));
+                let version = "v1".to_string();
+                (n.clone(), Fetched { value, version })
+            })
+            .collect())
+    }
+
+    async fn secret_value(&self, _id: &str) -> anyhow::Result<Fetched> {
+        let mut doc = String::with_capacity(200);
+        for part in [
+            "{\"token\": \"",
+            freed::MARKER,
+            "\", \"other\": \"",
+            freed::MARKER,
+        ] {
+            doc.push_str(part);
+        }
+        doc.push_str("\"}");
+        Ok(Fetched {
+            value: SecretValue::new(doc),
+            version: "1f612f36".into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn the_memory_that_held_a_secret_is_zeroed_when_freed() {
+    use std::sync::atomic::Ordering;
+    let before = freed::HOLDING.load(Ordering::SeqCst);
+    let wanted = vec![
+        ("gossip".to_string(), ssm("/prod/consul/gossip-key")),
+        ("token".to_string(), sm("prod/consul/agent", Some("token"))),
+        ("whole".to_string(), sm("prod/consul/agent", None)),
+    ];
+    let read = fetch_until(&Minted, &wanted, Instant::now(), &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(read.values()["token"], freed::MARKER, "a JSON field");
+    assert!(read.values()["whole"].contains(freed::MARKER));
+    let copy = read.clone();
+    let status = format!("{:?}", copy.0["gossip"]);
+    assert!(!status.contains(freed::MARKER), "{status}");
+    drop(copy);
+    drop(read);
+    let mut rendered = String::from("{\"encrypt\": \"");
+    rendered.push_str(freed::MARKER);
+    let file = crate::render::RenderedFile {
+        task: "consul-agent".into(),
+        path: "/opt/consul/config/consul-agent.json".into(),
+        mode: 0o640,
+        owner: None,
+        contents: Zeroizing::new(rendered),
+        sha256: String::new(),
+        secrets: vec!["gossip".into()],
+    };
+    drop(file.clone());
+    drop(file);
+    assert_eq!(
+        freed::HOLDING.load(Ordering::SeqCst),
+        before,
+        "memory freed with a secret still in it"
+    );
+    // The watch sees a value that is not zeroed.
+    drop(String::from(freed::MARKER));
+    assert!(freed::HOLDING.load(Ordering::SeqCst) > before);
+}
