@@ -166,6 +166,16 @@ async fn starts(world: &World) -> std::collections::BTreeMap<String, usize> {
     by_family
 }
 
+/// How often the node's attributes were put and deleted (the readiness attribute).
+async fn attribute_calls(world: &World) -> (u64, u64) {
+    let stats = world
+        .control("GET", "/stats", serde_json::Value::Null)
+        .await;
+    let ops = &stats["aws"]["by_operation"];
+    let n = |op: &str| ops[op].as_u64().unwrap_or(0);
+    (n("ecs:PutAttributes"), n("ecs:DeleteAttributes"))
+}
+
 fn status_json(world: &World, config: &Path) -> serde_json::Value {
     let out = nodeagent(world, &["status", "--json", "--config"], config);
     serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
@@ -207,6 +217,13 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
     .await;
     let before = starts(&world).await;
     assert_eq!(before.values().sum::<usize>(), 3, "{before:?}");
+    wait_for_async(
+        Duration::from_secs(30),
+        "the readiness attribute",
+        async || attribute_calls(&world).await.0 >= 1,
+    )
+    .await;
+    let attributes = attribute_calls(&world).await;
 
     put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_2).await;
     let changed = Instant::now();
@@ -250,6 +267,11 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
     assert_eq!(
         after["consul-registrator"], before["consul-registrator"],
         "{after:?}"
+    );
+    assert_eq!(
+        attribute_calls(&world).await,
+        attributes,
+        "the readiness attribute stays through the restart (put, deleted)"
     );
     let doc: serde_json::Value = serde_json::from_str(&world.read(file)).unwrap();
     assert_eq!(doc["encrypt"], GOSSIP_2);
@@ -490,10 +512,14 @@ fn the_consul_1_profile_checks_and_renders_field_by_field() {
 /// once mounted its config read-only at `/consul/config`: the entrypoint's chown of it failed
 /// (read-only file system) and consul-agent crash-looped; and `-config-file` named a file of
 /// that directory, which Consul then read twice (`retry_join` twice over).
+///
+/// Then the Secrets Manager secret holding both tokens is rotated (refresh 1 s, consul-agent
+/// `reload = "SIGHUP"`): consul-agent gets SIGHUP and keeps its container, registrator (its
+/// `start.sh` holds the other token) is restarted once, linkerd untouched.
 #[test]
-fn the_consul_1_profile_boots_on_the_images_it_names() {
-    use crate::support::{netns, node::Node};
-    if !netns::enter("the_consul_1_profile_boots_on_the_images_it_names") {
+fn the_consul_1_profile_boots_on_its_images_and_reloads_a_rotated_token() {
+    use crate::support::{netns, node::Node, wait_for};
+    if !netns::enter("the_consul_1_profile_boots_on_its_images_and_reloads_a_rotated_token") {
         return;
     }
     let node = Node::start(&[]);
@@ -524,7 +550,7 @@ fn the_consul_1_profile_boots_on_the_images_it_names() {
         "20-consul-1.toml",
         &std::fs::read_to_string(repo.join("packaging/examples/consul-1.toml")).unwrap(),
     );
-    let agent = node.run("agent");
+    let mut agent = node.run("agent");
     let started = Instant::now();
     while !node.healthy() {
         if started.elapsed() > Duration::from_secs(60) {
@@ -573,5 +599,102 @@ fn the_consul_1_profile_boots_on_the_images_it_names() {
     let log = agent.log();
     for secret in [GOSSIP_1, TOKEN] {
         assert!(!log.contains(secret), "the log holds a secret:\n{log}");
+    }
+
+    // The tokens rotate.
+    node.conf_d(
+        "30-test.toml",
+        "[secrets.agent_token]\nrefresh = \"1s\"\n[secrets.registrator_token]\nrefresh = \"1s\"\n\
+         [tasks.consul-agent]\nreload = \"SIGHUP\"\n",
+    );
+    assert!(
+        agent.sigterm().success(),
+        "SIGTERM leaves the tasks running"
+    );
+    let agent = node.run("agent-2");
+    wait_for(Duration::from_secs(60), "the tasks adopted", || {
+        node.status().is_some_and(|s| {
+            s["healthy"] == true
+                && s["tasks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|t| t["adopted"] == true)
+        })
+    });
+    let before = node.containers();
+    let new_token = "agent-token-2-9e8f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
+    rt.block_on(async {
+        aws_sdk_secretsmanager::Client::new(&node.world.sdk().await)
+            .put_secret_value()
+            .secret_id("prod/consul/agent")
+            .secret_string(format!(
+                "{{\"token\": \"{new_token}\", \"registrator\": \"reg-{new_token}\"}}"
+            ))
+            .send()
+            .await
+            .unwrap();
+    });
+    let changed = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "registrator replaced, the node healthy",
+        || {
+            node.container("consul-registrator")
+                .is_some_and(|c| !before.contains(&("consul-registrator".into(), c)))
+                && node.healthy()
+        },
+    );
+    println!(
+        "rotation (docker): registrator replaced and the node healthy {:?} after the change",
+        changed.elapsed()
+    );
+    let after = node.containers();
+    let id = |list: &[(String, String)], task: &str| {
+        list.iter()
+            .find(|(t, _)| t == task)
+            .map(|(_, id)| id.clone())
+    };
+    assert_eq!(
+        id(&after, "consul-agent"),
+        id(&before, "consul-agent"),
+        "signalled, not restarted"
+    );
+    assert_eq!(id(&after, "linkerd"), id(&before, "linkerd"), "untouched");
+    let logs = node.engine.logs(&consul);
+    assert!(logs.contains("Reloading configuration"), "{logs}");
+    let doc: serde_json::Value =
+        serde_json::from_str(&node.world.read("/opt/consul/config/consul-agent.json")).unwrap();
+    assert_eq!(doc["acl"]["tokens"]["agent"], new_token);
+    assert!(node
+        .world
+        .read("/opt/consul-registrator/bin/start.sh")
+        .contains(&format!("reg-{new_token}")));
+    let status = node.status().unwrap();
+    let restarts = |task: &str| {
+        status["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["name"] == task)
+            .unwrap()["restarts"]
+            .clone()
+    };
+    assert_eq!(restarts("consul-agent"), 0, "{status}");
+    assert_eq!(restarts("consul-registrator"), 1, "{status}");
+    assert_eq!(restarts("linkerd"), 0, "{status}");
+    let token = status["secrets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "agent_token")
+        .cloned()
+        .unwrap();
+    assert!(token["rotated"].is_object(), "{status}");
+    let log = agent.log();
+    assert!(log.contains("consul-agent: sent SIGHUP"), "{log}");
+    for secret in [GOSSIP_1, TOKEN, new_token] {
+        assert!(!log.contains(secret), "the log holds a secret:\n{log}");
+        assert!(!status.to_string().contains(secret), "{status}");
     }
 }
