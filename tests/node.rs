@@ -106,14 +106,7 @@ fn a_first_boot_meets_every_images_contract() {
     assert!(node.container("retired").is_some(), "the stray runs");
     let mut second = node.run("second");
     wait_for(BOOT, "the running tasks adopted", || {
-        node.status().is_some_and(|s| {
-            s["healthy"] == true
-                && s["tasks"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|t| t["adopted"] == true)
-        })
+        node.healthy_and_adopted()
     });
     wait_for(BOOT, "the stray removed", || {
         node.engine

@@ -613,14 +613,7 @@ fn the_consul_1_profile_boots_on_its_images_and_reloads_a_rotated_token() {
     );
     let agent = node.run("agent-2");
     wait_for(Duration::from_secs(60), "the tasks adopted", || {
-        node.status().is_some_and(|s| {
-            s["healthy"] == true
-                && s["tasks"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .all(|t| t["adopted"] == true)
-        })
+        node.healthy_and_adopted()
     });
     let before = node.containers();
     let new_token = "agent-token-2-9e8f1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";

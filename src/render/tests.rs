@@ -15,17 +15,18 @@ fn facts() -> InstanceFacts {
     }
 }
 
-fn render(
-    settings: &Settings,
-    read: &dyn Fn(&str) -> anyhow::Result<String>,
-) -> BTreeMap<String, RenderedFile> {
-    let facts = facts();
-    let servers = vec!["10.0.0.5".to_string(), "10.0.0.6".to_string()];
-    let ctx = Context {
-        instance: &facts,
-        cluster: &settings.cluster,
+/// The context a boot gives the templates, with these facts, cluster and servers.
+fn context<'a>(
+    facts: &'a InstanceFacts,
+    settings: &'a Settings,
+    cluster: &'a str,
+    servers: &'a [String],
+) -> Context<'a> {
+    Context {
+        instance: facts,
+        cluster,
         consul: ConsulContext {
-            servers: &servers,
+            servers,
             datacenter: &settings.consul.datacenter,
             server_tag: &settings.consul.server_tag,
         },
@@ -33,7 +34,16 @@ fn render(
             container_instance_arn: None,
         },
         vars: &settings.vars,
-    };
+    }
+}
+
+fn render(
+    settings: &Settings,
+    read: &dyn Fn(&str) -> anyhow::Result<String>,
+) -> BTreeMap<String, RenderedFile> {
+    let facts = facts();
+    let servers = vec!["10.0.0.5".to_string(), "10.0.0.6".to_string()];
+    let ctx = context(&facts, settings, &settings.cluster, &servers);
     Renderer::new(settings, read)
         .unwrap()
         .render(&ctx, &BTreeMap::new())
@@ -124,19 +134,7 @@ fn undefined_variables_are_errors() {
     )])
     .unwrap();
     let facts = facts();
-    let ctx = Context {
-        instance: &facts,
-        cluster: "c",
-        consul: ConsulContext {
-            servers: &[],
-            datacenter: "dc1",
-            server_tag: &settings.consul.server_tag,
-        },
-        ecs: EcsContext {
-            container_instance_arn: None,
-        },
-        vars: &settings.vars,
-    };
+    let ctx = context(&facts, &settings, "c", &[]);
     let read = |_: &str| Ok("{{ vars.missing }}".to_string());
     let err = Renderer::new(&settings, &read)
         .unwrap()
@@ -174,19 +172,7 @@ fn secrets_reach_only_the_files_that_name_them() {
         "{err:#}"
     );
     let facts = facts();
-    let ctx = Context {
-        instance: &facts,
-        cluster: "c",
-        consul: ConsulContext {
-            servers: &[],
-            datacenter: "dc1",
-            server_tag: &settings.consul.server_tag,
-        },
-        ecs: EcsContext {
-            container_instance_arn: None,
-        },
-        vars: &settings.vars,
-    };
+    let ctx = context(&facts, &settings, "c", &[]);
     let secrets = BTreeMap::from([("gossip", "s3cr\"et")]);
     let files: BTreeMap<String, RenderedFile> = renderer
         .render(&ctx, &secrets)

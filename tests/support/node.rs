@@ -118,6 +118,18 @@ impl Node {
         self.status().is_some_and(|s| s["healthy"] == true)
     }
 
+    /// Healthy, every task one an earlier agent started (adopted by this one).
+    pub fn healthy_and_adopted(&self) -> bool {
+        self.status().is_some_and(|s| {
+            s["healthy"] == true
+                && s["tasks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|t| t["adopted"] == true)
+        })
+    }
+
     /// The running containers of this node's tasks: (task, container id), sorted.
     pub fn containers(&self) -> Vec<(String, String)> {
         let out = self.engine.cli(&[
