@@ -329,6 +329,89 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
     }
 }
 
+/// A rotation whose files cannot be rendered (its template gone) keeps the value in use and
+/// says so; the next refresh tries again, and once the template is back the new values are
+/// written. Two secrets of one `refresh` rotated at once are read together and restart their
+/// task once. (The value used to be taken into use before its files were written: a failed
+/// render was never tried again, and the task kept the old secret for good.)
+#[tokio::test]
+async fn a_rotation_that_cannot_be_rendered_is_tried_again_and_restarts_its_task_once() {
+    let world = World::start(&[]);
+    put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_1).await;
+    create_secret(
+        &world,
+        "prod/consul/agent",
+        &format!("{{\"token\": \"{TOKEN}\"}}"),
+    )
+    .await;
+    let config = secrets_config(&world, "2s", "");
+    let _agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
+    wait_for_async(Duration::from_secs(30), "a healthy node", async || {
+        status_json(&world, &config)["healthy"] == true
+    })
+    .await;
+    let before = starts(&world).await;
+
+    let template = world.path("/etc/nodeagent/t/consul.json");
+    let text = std::fs::read_to_string(&template).unwrap();
+    std::fs::remove_file(&template).unwrap();
+    let token_2 = "agent-token-2-0d9c8b7a-6f5e-4d3c-2b1a-0f9e8d7c6b5a";
+    put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_2).await;
+    aws_sdk_secretsmanager::Client::new(&world.sdk().await)
+        .put_secret_value()
+        .secret_id("prod/consul/agent")
+        .secret_string(format!("{{\"token\": \"{token_2}\"}}"))
+        .send()
+        .await
+        .unwrap();
+    wait_for_async(
+        Duration::from_secs(20),
+        "the failed render in status",
+        async || {
+            let s = status_json(&world, &config);
+            s["secrets"].as_array().is_some_and(|a| {
+                a.iter().all(|x| {
+                    x["error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("could not be rendered again"))
+                        && x["rotated"].is_null()
+                })
+            })
+        },
+    )
+    .await;
+    let file = "/opt/consul/config/consul-agent.json";
+    assert!(world.read(file).contains(GOSSIP_1), "the old file stays");
+
+    std::fs::write(&template, text).unwrap();
+    wait_for_async(
+        Duration::from_secs(20),
+        "the new values written",
+        async || {
+            let now = world.read(file);
+            now.contains(GOSSIP_2) && now.contains(token_2)
+        },
+    )
+    .await;
+    wait_for_async(Duration::from_secs(30), "a healthy node", async || {
+        status_json(&world, &config)["healthy"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = starts(&world).await;
+    assert_eq!(
+        after["consul-agent"],
+        before["consul-agent"] + 1,
+        "restarted once for both secrets: {after:?}"
+    );
+    assert_eq!(after["linkerd"], before["linkerd"], "{after:?}");
+    let s = status_json(&world, &config);
+    for secret in s["secrets"].as_array().unwrap() {
+        assert!(secret["error"].is_null(), "{s}");
+        assert!(!secret["rotated"].is_null(), "{s}");
+    }
+}
+
 /// `nodeagent config check` of a configuration under a fresh root: its exit code and output.
 fn check(config: &str, templates: &[(&str, &str)]) -> (Option<i32>, String) {
     let root = tempfile::tempdir().unwrap();

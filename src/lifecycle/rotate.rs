@@ -1,8 +1,9 @@
 //! Rotation: owns keeping the node's secrets current. Each secret is read again every
-//! `refresh` (one `GetParameters` per ten due parameters, one `GetSecretValue` per secret;
-//! a failed read is retried with full jitter within the refresh, then waits for the next);
-//! when a value changed, every file is rendered again (only the changed ones are written) and
-//! the tasks owning a changed file are restarted one at a time in start order — or sent their
+//! `refresh`, those of one `refresh` together (one `GetParameters` per ten parameters, one
+//! `GetSecretValue` per secret; a failed read is retried with full jitter within the refresh,
+//! then waits for the next); when a value changed, every file is rendered again (only the
+//! changed ones are written), the new value is in use once they are, and the tasks owning a
+//! file that uses it are restarted one at a time in start order — or sent their
 //! `reload` signal — each given `supervision.ready_timeout` to be healthy again before the
 //! next (the readiness attribute stays: a restart shorter than `degraded_grace` keeps it). What it did is reported as [`SecretStatus`] (status, logs), never a value.
 
@@ -11,7 +12,7 @@ use crate::config::Settings;
 use crate::facts::InstanceFacts;
 use crate::hostfs::HostFs;
 use crate::retry::{jitter, FullJitter};
-use crate::secrets::{fetch_once, SecretStore, Secrets, Wanted};
+use crate::secrets::{fetch_once, Fetched, SecretStore, Secrets, Wanted};
 use crate::supervisor::{Control, State, TaskStatus};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,7 +77,7 @@ pub fn statuses(settings: &Settings, secrets: &Secrets) -> Vec<SecretStatus> {
             name: name.clone(),
             source: c.source.to_string(),
             version: c.fetched.version.clone(),
-            read_at: crate::status::rfc3339(c.fetched_at),
+            read_at: rfc3339(c.fetched_at),
             refresh_s: settings
                 .secrets
                 .get(name)
@@ -90,38 +91,47 @@ pub fn statuses(settings: &Settings, secrets: &Secrets) -> Vec<SecretStatus> {
 
 impl Rotation {
     /// Refreshes until dropped; `progress` hears every secret's status after each refresh.
+    ///
+    /// Secrets with the same `refresh` are read together on one schedule — a random phase at
+    /// start (a fleet's nodes do not read in step), then exactly every `refresh` — so a
+    /// refresh costs one `GetParameters` (per ten) and one `GetSecretValue` per secret, and
+    /// secrets rotated together restart their tasks once. A new value is taken into use only
+    /// once its files are rendered; if they cannot be, the next refresh tries again.
     pub async fn run(mut self, progress: watch::Sender<Vec<SecretStatus>>) {
         let mut status = statuses(&self.settings, &self.current);
-        let refresh: BTreeMap<String, Duration> = self
-            .settings
-            .secrets
-            .iter()
-            .filter(|(_, s)| !s.refresh.is_zero())
-            .map(|(n, s)| (n.clone(), s.refresh))
+        let mut groups: BTreeMap<Duration, Vec<String>> = BTreeMap::new();
+        for (name, s) in &self.settings.secrets {
+            if !s.refresh.is_zero() {
+                groups.entry(s.refresh).or_default().push(name.clone());
+            }
+        }
+        let mut due: BTreeMap<Duration, Instant> = groups
+            .keys()
+            .map(|r| (*r, Instant::now() + jitter(*r)))
             .collect();
-        let mut due: BTreeMap<String, Instant> = refresh
-            .iter()
-            .map(|(n, r)| (n.clone(), Instant::now() + jitter(*r)))
-            .collect();
-        let Some(first) = due.values().min().copied() else {
-            return; // every secret is read once
-        };
-        let mut next = first;
-        loop {
+        while let Some(next) = due.values().min().copied() {
             tokio::time::sleep_until(next).await;
             let now = Instant::now();
-            let names: Vec<String> = due
+            let periods: Vec<Duration> = due
                 .iter()
                 .filter(|(_, t)| **t <= now + BATCH_WINDOW)
-                .map(|(n, _)| n.clone())
+                .map(|(r, _)| *r)
                 .collect();
-            let wanted: Vec<Wanted> = names
+            let wanted: Vec<Wanted> = periods
                 .iter()
+                .flat_map(|r| &groups[r])
                 .filter_map(|n| self.current.0.get(n).map(|c| (n.clone(), c.source.clone())))
                 .collect();
-            let shortest = names.iter().map(|n| refresh[n]).min().unwrap_or(RETRY.1);
+            let shortest = periods.iter().min().copied().unwrap_or(RETRY.1);
             let read = read_within(self.store.as_ref(), &wanted, now + shortest).await;
-            let mut changed = BTreeMap::new();
+            for r in &periods {
+                let d = due.get_mut(r).expect("a due period");
+                *d += *r;
+                if *d <= Instant::now() {
+                    *d = Instant::now() + *r;
+                }
+            }
+            let mut fresh: BTreeMap<String, Fetched> = BTreeMap::new();
             for (name, result) in read {
                 let entry = status.iter_mut().find(|s| s.name == name);
                 let (Some(entry), Some(current)) = (entry, self.current.0.get_mut(&name)) else {
@@ -130,21 +140,11 @@ impl Rotation {
                 match result {
                     Ok(fetched) => {
                         entry.error = None;
-                        entry.read_at = crate::status::rfc3339(SystemTime::now());
+                        entry.read_at = rfc3339(SystemTime::now());
                         current.fetched_at = SystemTime::now();
                         if fetched.value != current.fetched.value {
-                            let (from, to) =
-                                (current.fetched.version.clone(), fetched.version.clone());
-                            info!(secret = %name, from = %from, to = %to, "secrets: rotated {name} ({from}→{to})");
-                            entry.rotated = Some(Rotated {
-                                from: from.clone(),
-                                to: to.clone(),
-                                at: crate::status::rfc3339(SystemTime::now()),
-                            });
-                            changed.insert(name.clone(), format!("{from}→{to}"));
-                            current.fetched = fetched;
+                            fresh.insert(name, fetched);
                         }
-                        entry.version = current.fetched.version.clone();
                     }
                     Err(e) => {
                         let why = format!("{e:#}");
@@ -153,43 +153,68 @@ impl Rotation {
                     }
                 }
             }
-            for name in &names {
-                due.insert(name.clone(), Instant::now() + jitter(refresh[name]));
+            if fresh.is_empty() {
+                progress.send_replace(status.clone());
+                continue;
             }
-            progress.send_replace(status.clone());
-            if !changed.is_empty() {
-                self.apply(&changed).await;
+            let what: Vec<String> = fresh
+                .iter()
+                .map(|(n, f)| format!("{n} ({}→{})", self.current.0[n].fetched.version, f.version))
+                .collect();
+            let what = format!("secret {} rotated", what.join(", "));
+            match self.render(&fresh) {
+                Ok(owners) => {
+                    for (name, fetched) in fresh {
+                        let current = self.current.0.get_mut(&name).expect("a current secret");
+                        let (from, to) = (current.fetched.version.clone(), fetched.version.clone());
+                        info!(secret = %name, from = %from, to = %to, "secrets: rotated {name} ({from}→{to})");
+                        if let Some(entry) = status.iter_mut().find(|s| s.name == name) {
+                            entry.version = to.clone();
+                            entry.rotated = Some(Rotated {
+                                from,
+                                to,
+                                at: rfc3339(SystemTime::now()),
+                            });
+                        }
+                        current.fetched = fetched;
+                    }
+                    progress.send_replace(status.clone());
+                    for task in owners {
+                        self.renew(&task, &what).await;
+                    }
+                }
+                Err(e) => {
+                    let why = format!("{what}, but its files could not be rendered again ({e:#}); the tasks keep the files and the value they have; tried again at the next refresh");
+                    warn!("secrets: {why}");
+                    for entry in status.iter_mut().filter(|s| fresh.contains_key(&s.name)) {
+                        entry.error = Some(why.clone());
+                    }
+                    progress.send_replace(status.clone());
+                }
             }
-            next = due.values().min().copied().unwrap_or(next);
         }
     }
 
-    /// Renders the files again and restarts (or reloads) the tasks whose files changed, one
-    /// at a time in start order.
-    async fn apply(&mut self, changed: &BTreeMap<String, String>) {
-        let what: Vec<String> = changed.iter().map(|(n, v)| format!("{n} ({v})")).collect();
-        let what = format!("secret {} rotated", what.join(", "));
-        let before = self.files_now();
-        let rendered = render_files(
+    /// Renders every file with the `fresh` values (and the others in use) and writes it; the
+    /// tasks owning a file that uses a fresh secret, in start order.
+    fn render(&mut self, fresh: &BTreeMap<String, Fetched>) -> anyhow::Result<Vec<String>> {
+        let mut values = self.current.values();
+        for (name, f) in fresh {
+            values.insert(name.as_str(), f.value.expose());
+        }
+        let files = render_files(
             &self.settings,
             &self.facts,
             &self.servers,
             self.container_instance.as_deref(),
-            &self.current.values(),
+            &values,
             self.fs.as_ref(),
             self.fs.as_ref(),
-        );
-        let files = match rendered {
-            Ok(files) => files,
-            Err(e) => {
-                warn!("secrets: {what}, but the files could not be rendered again ({e:#}); the tasks keep the files they have");
-                return;
-            }
-        };
-        let owners: BTreeSet<String> = files
+        )?;
+        let owners: BTreeSet<&str> = files
             .iter()
-            .filter(|f| before.get(&f.path) != Some(&f.sha256))
-            .map(|f| f.task.clone())
+            .filter(|f| f.secrets.iter().any(|s| fresh.contains_key(s)))
+            .map(|f| f.task.as_str())
             .collect();
         let order: Vec<String> = self
             .settings
@@ -197,26 +222,10 @@ impl Rotation {
             .into_iter()
             .flatten()
             .map(|t| t.name.to_string())
-            .filter(|t| owners.contains(t))
+            .filter(|t| owners.contains(t.as_str()))
             .collect();
         self.files.send_replace(files);
-        for task in order {
-            self.renew(&task, &what).await;
-        }
-    }
-
-    /// The sha256 of every rendered file on disk now, by path.
-    fn files_now(&self) -> BTreeMap<String, String> {
-        let mut files = BTreeMap::new();
-        for task in self.settings.enabled_tasks() {
-            for path in self.settings.tasks[task.name].files.keys() {
-                if let Ok(Some(bytes)) = self.fs.read(path) {
-                    let bytes = zeroize::Zeroizing::new(bytes);
-                    files.insert(path.clone(), crate::render::sha256_hex(&bytes));
-                }
-            }
-        }
-        files
+        Ok(order)
     }
 
     /// Reloads or restarts `task`, then waits (at most `ready_timeout`) for it to be healthy.
@@ -278,6 +287,10 @@ impl Rotation {
             .find(|t| t.name == task)
             .and_then(|t| t.instance.clone())
     }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 /// Reads `wanted` once, then again those that failed (full jitter) until `deadline`.
