@@ -375,10 +375,13 @@ impl HostFs for RootedFs {
                 && stat.st_mode & 0o7777 == perms.mode
                 && same_owner
             {
-                let mut existing = Vec::new();
+                // The old file may hold a secret: zeroed when dropped (sized up front, so no
+                // buffer is left behind by growing).
+                let mut existing =
+                    zeroize::Zeroizing::new(Vec::with_capacity(stat.st_size as usize + 1));
                 io::Read::read_to_end(&mut std::fs::File::from(fd), &mut existing)
                     .map_err(at(&real, "cannot read"))?;
-                if existing == contents {
+                if existing.as_slice() == contents {
                     return Ok(Written::Unchanged);
                 }
             }
