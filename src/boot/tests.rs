@@ -6,6 +6,7 @@ use crate::agent::AgentMetadata;
 use crate::config::{from_fragments, Fragment};
 use crate::hostfs::RootedFs;
 use async_trait::async_trait;
+use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 /// A store no secret is asked of (the default configuration has none).

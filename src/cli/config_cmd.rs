@@ -4,7 +4,6 @@
 
 use super::Common;
 use crate::aws::{self, AwsCalls};
-use crate::boot;
 use crate::config::{self, layers, ConfigError};
 use crate::ec2::SdkEc2;
 use crate::facts::InstanceFacts;
@@ -20,7 +19,7 @@ pub(super) fn check_config(common: &Common) -> anyhow::Result<ExitCode> {
     let settings = config::from_fragments(&layers::files(&common.location())?)?;
     let fs = RootedFs::new(&common.root);
     let invalid = |e: anyhow::Error| ConfigError::Invalid(vec![format!("{e:#}")]);
-    Renderer::new(&settings, &|path: &str| boot::read_text(&fs, path)).map_err(invalid)?;
+    Renderer::new(&settings, &|path: &str| crate::render::read_text(&fs, path)).map_err(invalid)?;
     let mut files = 0;
     for task in settings.enabled_tasks() {
         let config = &settings.tasks[task.name];

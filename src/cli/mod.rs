@@ -6,7 +6,6 @@
 
 mod config_cmd;
 
-use crate::boot;
 use crate::config::{self, layers, ConfigError, Location};
 use crate::daemon;
 use crate::facts::InstanceFacts;
@@ -260,7 +259,7 @@ fn render(common: &Common, facts: &Path, out: &Path) -> anyhow::Result<ExitCode>
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
-    let files = boot::render_files(
+    let files = crate::render::render_files(
         &settings,
         &given.instance,
         &given.consul_servers,

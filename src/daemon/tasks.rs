@@ -5,7 +5,6 @@
 use super::node::Booted;
 use crate::agent::HttpAgent;
 use crate::aws::AwsCalls;
-use crate::boot;
 use crate::config::RuntimeKind;
 use crate::docker::{BollardDocker, Docker};
 use crate::ecs::SdkEcs;
@@ -69,7 +68,7 @@ pub async fn supervisor(
 /// The enabled tasks as the supervisor sees them, in start order, health checks rendered.
 fn specs(booted: &Booted) -> anyhow::Result<Vec<TaskSpec>> {
     let (settings, report) = (&booted.settings, &booted.report);
-    let ctx = boot::context(
+    let ctx = crate::render::context(
         settings,
         &booted.facts,
         &report.consul_servers,

@@ -7,10 +7,10 @@
 //! `reload` signal — each given `supervision.ready_timeout` to be healthy again before the
 //! next (the readiness attribute stays: a restart shorter than `degraded_grace` keeps it). What it did is reported as [`SecretStatus`] (status, logs), never a value.
 
-use crate::boot::render_files;
 use crate::config::Settings;
 use crate::facts::InstanceFacts;
 use crate::hostfs::HostFs;
+use crate::render::render_files;
 use crate::retry::{jitter, FullJitter};
 use crate::secrets::{fetch_once, Fetched, SecretStore, Secrets, Wanted};
 use crate::supervisor::{Control, State, TaskStatus};

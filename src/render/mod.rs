@@ -369,5 +369,8 @@ fn shell_words(value: &Value) -> Result<String, Error> {
     word(value)
 }
 
+mod write;
+pub use write::{context, read_text, render_files};
+
 #[cfg(test)]
 mod tests;
