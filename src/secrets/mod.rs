@@ -21,7 +21,7 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::info;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// SSM's `GetParameters` takes at most this many names.
 pub const SSM_BATCH: usize = 10;
@@ -151,26 +151,44 @@ pub async fn fetch_once(
 /// Field `key` of a JSON object: a string as it is, a number or boolean as JSON writes it.
 /// Errors never quote the document.
 fn json_field(document: &str, key: &str) -> Result<SecretValue, String> {
-    let parsed: serde_json::Value = serde_json::from_str(document)
-        .map_err(|_| format!("the secret is not a JSON object, so it has no field {key:?}"))?;
+    let parsed = Scrubbed(
+        serde_json::from_str(document)
+            .map_err(|_| format!("the secret is not a JSON object, so it has no field {key:?}"))?,
+    );
     let object = parsed
+        .0
         .as_object()
         .ok_or_else(|| format!("the secret is not a JSON object, so it has no field {key:?}"))?;
-    let value = match object.get(key) {
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => v.to_string(),
-        Some(_) => return Err(format!("field {key:?} is not a string")),
-        None => return Err(format!("the JSON secret has no field {key:?}")),
-    };
-    // The parsed document holds the other fields too: zero what can be reached.
-    if let serde_json::Value::Object(map) = parsed {
-        for (_, v) in map {
-            if let serde_json::Value::String(s) = v {
-                drop(Zeroizing::new(s));
+    match object.get(key) {
+        Some(serde_json::Value::String(s)) => Ok(SecretValue::new(s.clone())),
+        Some(v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_))) => {
+            Ok(SecretValue::new(v.to_string()))
+        }
+        Some(_) => Err(format!(
+            "field {key:?} is not a string; store it as a string, a number or a boolean"
+        )),
+        None => Err(format!(
+            "the JSON secret has no field {key:?}; add it, or fix the #key of the source"
+        )),
+    }
+}
+
+/// A parsed secret document: it holds the secret's other fields too, so every string in it,
+/// however deep, is zeroed when it is dropped — on every path out of [`json_field`].
+struct Scrubbed(serde_json::Value);
+
+impl Drop for Scrubbed {
+    fn drop(&mut self) {
+        fn scrub(v: &mut serde_json::Value) {
+            match v {
+                serde_json::Value::String(s) => s.zeroize(),
+                serde_json::Value::Array(a) => a.iter_mut().for_each(scrub),
+                serde_json::Value::Object(m) => m.values_mut().for_each(scrub),
+                _ => {}
             }
         }
+        scrub(&mut self.0);
     }
-    Ok(SecretValue::new(value))
 }
 
 /// The boot's read: every wanted secret, each failure (a throttle, a missing parameter, a
