@@ -70,12 +70,21 @@ What runs inside (one process, one thread per server):
   down for down_ms, then comes back on the same port through the same rules (so ready-after
   counts from then); stop keeps it down until start.
 
+* A fleet (--nodes N): N node instances in moto, and for each its own IMDS fixture and ECS
+  agent fixture on ports of their own (the agent reads ecs.config and keeps its checkpoint at
+  paths with {node} replaced by the node's number), each agent registering its own instance's
+  container instance. One thread accepts for every fixture port (Hub) and one ticks every agent
+  (AgentClock), so hundreds of nodes cost two threads, not hundreds. Node 0 is the one the
+  single-node fields of the JSON line describe; "nodes" lists all of them.
+
 * Control API (own port, so the fixtures stay faithful):
   POST /imds {"mode": ..., "delay_ms": N}; POST /imds/items {...}; POST /agent/restart
   {"down_ms": N}; POST /agent/stop; POST /agent/start; POST /node/replace; GET|POST /faults;
-  GET|POST /buckets; GET /consul; GET /stats (aws: total, by_operation, seconds, sequence,
+  GET|POST /buckets; GET /consul; GET /ecs/tasks (the cluster's running tasks per container
+  instance and family, from moto); GET /stats (aws: total, by_operation, seconds, sequence,
   throttled, throttled_by_operation, faults_by_operation; imds; agent); POST /stats/reset
-  (counters only; the agent timestamps, fault rules and buckets are kept).
+  (counters only; the agent timestamps, fault rules and buckets are kept). The IMDS and agent
+  routes act on node 0, or on node K with ?node=K.
   Requests made by the world itself (populate, the agent fixture) are not counted, and no
   fault applies to them.
 """
@@ -88,6 +97,7 @@ import logging
 import os
 import re
 import secrets
+import selectors
 import signal
 import socket
 import socketserver
@@ -569,7 +579,8 @@ def parse_tag(text):
 
 
 def populate(args, moto_url):
-    """Create the cluster, task definitions and instances; return (node instance, server IPs, stopped IPs)."""
+    """Create the cluster, task definitions and instances; return (node instances (`--nodes`
+    of them), server IPs, stopped IPs)."""
     ecs, ec2 = aws_client("ecs", moto_url), aws_client("ec2", moto_url)
     ecs.create_cluster(clusterName=args.cluster)
     taskdefs = Path(args.task_definitions)
@@ -615,10 +626,16 @@ def populate(args, moto_url):
         if args.lifecycle_hook:
             asg.put_lifecycle_hook(LifecycleHookName=args.lifecycle_hook, AutoScalingGroupName=args.asg,
                                    LifecycleTransition="autoscaling:EC2_INSTANCE_TERMINATING")
+        node_ids = [node_id]
     else:
-        node_id = run(node_tags, 1)[0]["InstanceId"]
-    node = ec2.describe_instances(InstanceIds=[node_id])["Reservations"][0]["Instances"][0]
-    return node, [i["PrivateIpAddress"] for i in servers], [i["PrivateIpAddress"] for i in stopped]
+        node_ids = [i["InstanceId"] for i in run(node_tags, args.nodes)]
+    found = {}
+    for page in ec2.get_paginator("describe_instances").paginate(InstanceIds=node_ids):
+        for reservation in page["Reservations"]:
+            for instance in reservation["Instances"]:
+                found[instance["InstanceId"]] = instance
+    nodes = [found[i] for i in node_ids]
+    return nodes, [i["PrivateIpAddress"] for i in servers], [i["PrivateIpAddress"] for i in stopped]
 
 
 # ---------------------------------------------------------------- HTTP plumbing
@@ -706,9 +723,71 @@ def serve(server):
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
 
+class Hub:
+    """One thread that accepts connections for the fixtures' listening sockets (a fleet's IMDS
+    and ECS agents are hundreds of ports: one thread each would wake hundreds of times a second
+    for nothing). It waits in epoll on every registered socket; a connection is handed to the
+    server's own per-connection thread, as `serve_forever` would. Registering and unregistering
+    are done by the hub's thread itself (woken through a pipe), so `remove` returns only once
+    the socket is no longer watched and may be closed."""
+
+    def __init__(self):
+        self.selector = selectors.DefaultSelector()
+        self.lock, self.requests = threading.Lock(), []
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        threading.Thread(target=self.run, name="hub", daemon=True).start()
+
+    def add(self, server):
+        self.request("add", server)
+
+    def remove(self, server):
+        self.request("remove", server)
+
+    def request(self, action, server):
+        done = threading.Event()
+        with self.lock:
+            self.requests.append((action, server, done))
+        os.write(self.wake_w, b"x")
+        done.wait()
+
+    def run(self):
+        while True:
+            for key, _ in self.selector.select():
+                if key.data is not None:
+                    key.data._handle_request_noblock()  # accept; the connection gets its thread
+                    continue
+                try:
+                    os.read(self.wake_r, 4096)
+                except BlockingIOError:
+                    pass
+                with self.lock:
+                    requests, self.requests = self.requests, []
+                for action, server, done in requests:
+                    if action == "add":
+                        self.selector.register(server.socket, selectors.EVENT_READ, server)
+                    else:
+                        self.selector.unregister(server.socket)
+                    done.set()
+
+
+HUB = None
+HUB_LOCK = threading.Lock()
+
+
+def hub():
+    global HUB
+    with HUB_LOCK:
+        if HUB is None:
+            HUB = Hub()
+        return HUB
+
+
 class Listener:
     """A fixture's port, up (listening) or down: bound but not listening, so connections are
-    refused while the port number stays reserved. Going down also drops open connections."""
+    refused while the port number stays reserved. Going down also drops open connections.
+    Connections are accepted by the shared Hub."""
 
     def __init__(self, fixture, up=True, port=0):
         self.fixture, self.lock = fixture, threading.Lock()
@@ -721,13 +800,13 @@ class Listener:
         with self.lock:
             if not self.up:
                 self.server.server_activate()
-                serve(self.server)
+                hub().add(self.server)
                 self.up = True
 
     def stop(self):
         with self.lock:
             if self.up:
-                self.server.shutdown()
+                hub().remove(self.server)
                 self.server.server_close()
                 self.server.drop_connections()
                 self.server = Server(self.fixture, self.port, activate=False)
@@ -912,25 +991,26 @@ class Agent:
     # What the agent's v1 handler marshals for an unknown task (an empty TaskResponse), with a 404.
     EMPTY_TASK = {"Arn": "", "KnownStatus": "", "Family": "", "Version": "", "Containers": None}
 
-    def __init__(self, args, moto_url, instance_id, zone, stats):
-        self.ecs_config, self.default_cluster = args.ecs_config, args.cluster
+    def __init__(self, args, moto_url, instance_id, zone, stats, ecs_config=None, ecs_data=None, port=0):
+        """`ecs_config`, `ecs_data`: this node's (a fleet's nodes each have their own); `port`:
+        0 for any free one. Driven by an AgentClock's tick()."""
+        self.ecs_config, self.default_cluster = ecs_config, args.cluster
         self.ready_after, self.stats = args.agent_ready_after, stats
         self.instance_id, self.zone = instance_id, zone
-        self.data_dir = Path(args.ecs_data) if args.ecs_data else None
+        self.data_dir = Path(ecs_data) if ecs_data else None
         self.ecs = aws_client("ecs", moto_url)
         self.lock = threading.Lock()
         # Bound, not listening: connection refused. --agent-port 51678 (the real agent's) in a
         # network namespace of the test's own, where the default introspection_url works.
-        self.listener = Listener(self, up=False, port=args.agent_port)
+        self.listener = Listener(self, up=False, port=port)
         self.port = self.listener.port
         self.up = self.stopped = False
         self.earliest = time.monotonic() + self.ready_after
+        self.retry_at = 0.0  # after a failed registration (or no cluster yet): not before
         self.checkpoint = {}  # without --ecs-data: cluster -> {"arn": ..., "instance_id": ...}
         self.cluster = self.arn = self.up_instance_id = None
         self.container_names = {}  # task definition ARN -> its container names
-        self.stopping = threading.Event()
         self.last_error = None
-        threading.Thread(target=self.supervise, daemon=True).start()
 
     def configured_cluster(self):
         if not self.ecs_config:
@@ -1032,25 +1112,27 @@ class Agent:
         """Called with self.lock held."""
         return not self.up and not self.stopped and time.monotonic() >= self.earliest
 
-    def supervise(self):
-        while not self.stopping.wait(0.02):
-            with self.lock:
-                if not self.due():
-                    continue
-            cluster = self.configured_cluster()
-            registered = cluster and self.register(cluster)
-            if not registered:
-                self.stopping.wait(1.0)  # back off like the real agent's registration retries
-                continue
-            with self.lock:
-                if not self.due():  # stopped or restarted meanwhile
-                    continue
-                self.cluster, (self.arn, self.up_instance_id) = cluster, registered
-                self.last_error = None
-                self.listener.start()
-                self.up = True
-                self.stats.agent_ready()
-            log.info("agent: up on port %d (cluster %s)", self.port, cluster)
+    def tick(self):
+        """Comes up when due: ecs.config names a cluster and the registration (or the
+        checkpoint) gives a container instance; else tries again a second later, like the real
+        agent's registration retries."""
+        with self.lock:
+            if not self.due() or time.monotonic() < self.retry_at:
+                return
+        cluster = self.configured_cluster()
+        registered = cluster and self.register(cluster)
+        if not registered:
+            self.retry_at = time.monotonic() + 1.0
+            return
+        with self.lock:
+            if not self.due():  # stopped or restarted meanwhile
+                return
+            self.cluster, (self.arn, self.up_instance_id) = cluster, registered
+            self.last_error = None
+            self.listener.start()
+            self.up = True
+            self.stats.agent_ready()
+        log.info("agent: up on port %d (cluster %s)", self.port, cluster)
 
     def go_down(self):
         """Save the checkpoint (as the agent does when it is stopped), close the listening
@@ -1088,8 +1170,8 @@ class Agent:
             self.instance_id, self.zone = instance_id, zone
 
     def close(self):
-        self.stopping.set()
         with self.lock:
+            self.stopped = True
             self.go_down()
         self.listener.close()
 
@@ -1173,6 +1255,29 @@ class Agent:
                         "KnownStatus": task.get("lastStatus", "RUNNING"), "Family": family, "Version": version,
                         "Containers": containers})
         return out
+
+
+class AgentClock:
+    """One thread that ticks every agent fixture (a fleet has hundreds): every 20 ms for one
+    node, every 100 ms for a fleet (the real agent takes seconds to register anyway)."""
+
+    def __init__(self, agents):
+        self.agents, self.stopping = agents, threading.Event()
+        self.period = 0.02 if len(agents) == 1 else 0.1
+        threading.Thread(target=self.run, name="agents", daemon=True).start()
+
+    def run(self):
+        while not self.stopping.wait(self.period):
+            for agent in self.agents:
+                try:
+                    agent.tick()
+                except Exception as e:  # one agent's trouble must not stop the others
+                    log.warning("agent: tick failed: %r", e)
+
+    def close(self):
+        self.stopping.set()
+        for agent in self.agents:
+            agent.close()
 
 
 # ---------------------------------------------------------------- Consul agent HTTP API fixture
@@ -1265,36 +1370,70 @@ class Conflict(Exception):
 
 
 class Control:
-    def __init__(self, imds, agent, consul, stats, faults, node):
-        self.imds, self.agent, self.consul, self.stats = imds, agent, consul, stats
-        self.faults, self.node = faults, node
+    """The control API. The IMDS and agent routes act on node 0, or on node K with `?node=K`
+    (a fleet, `--nodes`); /node/replace on node 0 only."""
+
+    def __init__(self, imdses, agents, consul, stats, faults, node, moto_url, cluster):
+        self.imdses, self.agents, self.consul, self.stats = imdses, agents, consul, stats
+        self.faults, self.node, self.moto_url, self.cluster = faults, node, moto_url, cluster
+
+    def pick(self, url):
+        """This request's node: `?node=K`, 0 by default."""
+        raw = urllib.parse.parse_qs(url.query).get("node", ["0"])[0]
+        if not raw.isdigit() or int(raw) >= len(self.agents):
+            raise ValueError(f"node must be 0..{len(self.agents) - 1}, got {raw!r}")
+        return int(raw)
+
+    def ecs_tasks(self):
+        """The cluster's tasks whose desired status is RUNNING and that have not stopped, per
+        container instance and family, straight from moto (uncounted): the fleet benchmark's
+        duplicates are families with more than one."""
+        ecs = aws_client("ecs", self.moto_url)
+        arns = []
+        for page in ecs.get_paginator("list_tasks").paginate(cluster=self.cluster, desiredStatus="RUNNING"):
+            arns += page.get("taskArns", [])
+        out = {}
+        for i in range(0, len(arns), 100):
+            for task in ecs.describe_tasks(cluster=self.cluster, tasks=arns[i:i + 100]).get("tasks", []):
+                if task.get("lastStatus") == "STOPPED":
+                    continue
+                family = task.get("taskDefinitionArn", "").rpartition("/")[2].partition(":")[0]
+                families = out.setdefault(task.get("containerInstanceArn") or "", {})
+                families[family] = families.get(family, 0) + 1
+        return {"tasks": sum(sum(f.values()) for f in out.values()), "container_instances": out}
 
     def handle(self, h):
         try:
             body = json.loads(h.read_body() or b"{}")
         except ValueError:
             return h.reply_json(400, {"error": "body must be JSON"})
-        route = (h.command, urllib.parse.urlsplit(h.path).path)
+        url = urllib.parse.urlsplit(h.path)
+        route = (h.command, url.path)
         try:
+            if route[1].startswith(("/imds", "/agent")):
+                k = self.pick(url)
+                imds, agent = self.imdses[k], self.agents[k]
+            if route == ("GET", "/ecs/tasks"):
+                return h.reply_json(200, self.ecs_tasks())
             if route == ("GET", "/stats"):
                 return h.reply_json(200, self.stats.snapshot())
             if route == ("POST", "/stats/reset"):
                 self.stats.reset()
                 return h.reply_json(200, {"ok": True})
             if route == ("POST", "/imds"):
-                return h.reply_json(200, self.imds.configure(body.get("mode"), body.get("delay_ms")))
+                return h.reply_json(200, imds.configure(body.get("mode"), body.get("delay_ms")))
             if route == ("POST", "/imds/items"):
-                return h.reply_json(200, self.imds.set_items(body))
+                return h.reply_json(200, imds.set_items(body))
             if route == ("GET", "/consul"):
                 return h.reply_json(200, self.consul.snapshot())
             if route == ("POST", "/agent/restart"):
-                self.agent.restart(int(body.get("down_ms", 0)))
-                return h.reply_json(200, {"ok": True, "port": self.agent.port})
+                agent.restart(int(body.get("down_ms", 0)))
+                return h.reply_json(200, {"ok": True, "port": agent.port})
             if route == ("POST", "/agent/stop"):
-                self.agent.stop()
-                return h.reply_json(200, {"ok": True, "port": self.agent.port})
+                agent.stop()
+                return h.reply_json(200, {"ok": True, "port": agent.port})
             if route == ("POST", "/agent/start"):
-                return h.reply_json(200, self.agent.start())
+                return h.reply_json(200, agent.start())
             if route == ("GET", "/faults"):
                 return h.reply_json(200, self.faults.rules_snapshot())
             if route == ("POST", "/faults"):
@@ -1328,13 +1467,17 @@ def parse_args(argv):
     s.add_argument("--node-tag", type=parse_tag, action="append", metavar="KEY=VALUE",
                    help="a tag of this node's instance (repeatable; default Name=l5d-demo-ecs)")
     s.add_argument("--task-definitions", default=str(REPO / "packaging" / "task-definitions"))
-    s.add_argument("--ecs-config", help="agent comes up only once this file has ECS_CLUSTER=<name>")
+    s.add_argument("--ecs-config", help="agent comes up only once this file has ECS_CLUSTER=<name>; "
+                                         "with --nodes > 1 it must hold {node} (the node's number)")
     s.add_argument("--agent-ready-after", type=float, default=0.0, metavar="SECONDS")
     s.add_argument("--agent-port", type=int, default=0, metavar="PORT",
                    help="the agent fixture's port (default: any free one; the real agent's is 51678)")
     s.add_argument("--ecs-data", metavar="DIR",
                    help="the agent keeps its checkpoint in DIR/ecs_agent_data.json (ECS_DATADIR), "
-                        "not in memory")
+                        "not in memory; with --nodes > 1 it must hold {node}")
+    s.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="N node instances (a fleet), each with an IMDS and an ECS agent fixture on "
+                        "ports of its own; node 0 is the one the single-node fields describe")
     s.add_argument("--imds-set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override/add a meta-data item, KEY relative to /latest/meta-data/")
     s.add_argument("--user-data", metavar="FILE")
@@ -1343,7 +1486,21 @@ def parse_args(argv):
     s.add_argument("--lifecycle-hook", metavar="NAME", help="with --asg: a terminating lifecycle hook")
     s.add_argument("--no-populate", action="store_true")
     s.add_argument("--verbose", action="store_true", help="log every request to stderr")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.nodes < 1:
+        p.error("--nodes must be at least 1")
+    if args.nodes > 1:
+        if args.asg or args.no_populate or args.agent_port:
+            p.error("--nodes > 1 does not go with --asg, --no-populate or --agent-port")
+        for flag, value in (("--ecs-config", args.ecs_config), ("--ecs-data", args.ecs_data)):
+            if value and "{node}" not in value:
+                p.error(f"with --nodes > 1, {flag} must hold {{node}} (each node has its own)")
+    return args
+
+
+def per_node(template, k):
+    """A per-node path: `{node}` replaced by the node's number."""
+    return template.replace("{node}", str(k)) if template else template
 
 
 def main(argv=None):
@@ -1367,32 +1524,43 @@ def main(argv=None):
     stats, faults = Stats(), Faults()
     state_manager.set_transition(model_name="ecs::task", transition={"progression": "manual", "times": 10**9})
     moto_server, moto_url = start_moto(stats, faults)
-    node, server_ips, stopped_ips = (None, [], []) if args.no_populate else populate(args, moto_url)
+    nodes, server_ips, stopped_ips = ([], [], []) if args.no_populate else populate(args, moto_url)
 
-    items = imds_items(node, overrides, args.imds_tags)
-    imds = Imds(items, identity_document(items, node), args.user_data, stats)
-    agent = Agent(args, moto_url, items.get("instance-id", "i-0000000000000000f"),
-                  items.get("placement/availability-zone"), stats)
+    imdses, agents, described = [], [], []
+    for k, node in enumerate(nodes or [None]):
+        items = imds_items(node, overrides, args.imds_tags)
+        imdses.append(Imds(items, identity_document(items, node), args.user_data, stats))
+        agents.append(Agent(args, moto_url, items.get("instance-id", "i-0000000000000000f"),
+                            items.get("placement/availability-zone"), stats,
+                            ecs_config=per_node(args.ecs_config, k), ecs_data=per_node(args.ecs_data, k),
+                            port=args.agent_port))
+        described.append({"instance_id": items.get("instance-id"), "local_ipv4": items.get("local-ipv4"),
+                          "imds_url": f"http://127.0.0.1:{imdses[-1].port}",
+                          "agent_url": f"http://127.0.0.1:{agents[-1].port}"})
+    clock = AgentClock(agents)
+    imds, agent = imdses[0], agents[0]
     consul = Consul()
     consul_server = Server(consul)
     serve(consul_server)
-    control_server = Server(Control(imds, agent, consul, stats, faults,
-                                    Node(args, moto_url, node, overrides, imds, agent)))
+    control_server = Server(Control(imdses, agents, consul, stats, faults,
+                                    Node(args, moto_url, nodes[0] if nodes else None, overrides, imds, agent),
+                                    moto_url, args.cluster))
     serve(control_server)
     stats.reset()
     serving.set()
     out.write(json.dumps({
         "moto_url": moto_url,
-        "imds_url": f"http://127.0.0.1:{imds.port}",
-        "agent_url": f"http://127.0.0.1:{agent.port}",
+        "imds_url": described[0]["imds_url"],
+        "agent_url": described[0]["agent_url"],
         "control_url": f"http://127.0.0.1:{control_server.server_port}",
         "consul_url": f"http://127.0.0.1:{consul_server.server_port}",
         "region": REGION,
         "cluster": args.cluster,
-        "instance_id": items.get("instance-id"),
-        "local_ipv4": items.get("local-ipv4"),
+        "instance_id": described[0]["instance_id"],
+        "local_ipv4": described[0]["local_ipv4"],
         "server_ips": server_ips,
         "stopped_server_ips": stopped_ips,
+        "nodes": described,
         "pid": os.getpid(),
     }) + "\n")
     out.flush()
@@ -1400,8 +1568,9 @@ def main(argv=None):
     while not stop.wait(0.2):
         pass
     log.info("shutting down")
-    agent.close()
-    imds.close()
+    clock.close()
+    for imds in imdses:
+        imds.close()
     for server in (control_server, consul_server, moto_server):
         server.shutdown()
         server.server_close()

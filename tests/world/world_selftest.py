@@ -7,8 +7,9 @@ Starts one world (`world.py serve`), checks with boto3 (retries off) and urllib 
 knob that makes the world less kind than moto alone: the fault layer (throttle and error
 shapes per protocol, lose, slow, lag, times/after, token buckets, stats), IMDS `down`,
 `/node/replace`, and the ECS agent fixture's checkpoint (`--ecs-data`), stop/start and
-`/v1/tasks`. One line per check; exit 1 if any fails. The world is stopped by its PID at
-the end, whatever happens. Takes about 10 s.
+`/v1/tasks`; then a second world of three nodes (`--nodes`, `?node=K`, `GET /ecs/tasks`). One
+line per check; exit 1 if any fails. Each world is stopped by its PID, whatever happens. Takes
+about 20 s.
 """
 
 import json
@@ -351,6 +352,41 @@ def run(world, data_dir):
               "ContainerInstanceArn") == fresh, f"{fresh}")
 
 
+def run_fleet(world, root):
+    """`--nodes 3`: an IMDS and an ECS agent per node, each agent registering its own instance."""
+    nodes = world["nodes"]
+    check("--nodes 3: three nodes, node 0 the single-node fields",
+          len(nodes) == 3 and nodes[0]["instance_id"] == world["instance_id"]
+          and nodes[0]["agent_url"] == world["agent_url"] and len({n["imds_url"] for n in nodes}) == 3, str(nodes))
+    ids = [imds_get({"imds_url": n["imds_url"]}, "/latest/meta-data/instance-id")[1] for n in nodes]
+    check("--nodes: each IMDS serves its own instance", ids == [n["instance_id"] for n in nodes], str(ids))
+    check("--nodes: no agent before its node's ecs.config names the cluster",
+          all(refused(n["agent_url"]) for n in nodes))
+    for k in range(3):
+        (root / f"node-{k}").mkdir(exist_ok=True)
+        (root / f"node-{k}" / "ecs.config").write_text(f"ECS_CLUSTER={CLUSTER}\n")
+    arns = [agent_arn({"agent_url": n["agent_url"]}) for n in nodes]
+    ecs = world.client("ecs")
+    described = ecs.describe_container_instances(cluster=CLUSTER, containerInstances=[a for a in arns if a])
+    by_arn = {c["containerInstanceArn"]: c["ec2InstanceId"] for c in described["containerInstances"]}
+    check("--nodes: each agent registers its own instance's container instance",
+          all(arns) and [by_arn.get(a) for a in arns] == ids, f"{arns} {by_arn}")
+    status, _ = world.control("POST", "/agent/stop?node=1")
+    check("?node=1: that node's agent stops, the others serve",
+          status == 200 and refused(nodes[1]["agent_url"]) and not refused(nodes[0]["agent_url"]))
+    world.control("POST", "/agent/start?node=1")
+    check("?node=1: started again, the same container instance", agent_arn({"agent_url": nodes[1]["agent_url"]}) == arns[1])
+    status, body = world.control("POST", "/agent/stop?node=3")
+    check("?node out of range: 400", status == 400, f"{status} {body}")
+    ecs.register_task_definition(**TASKDEF)
+    for arn in (arns[0], arns[0], arns[2]):
+        ecs.start_task(cluster=CLUSTER, taskDefinition="selftest", containerInstances=[arn])
+    status, tasks = world.control("GET", "/ecs/tasks")
+    check("GET /ecs/tasks: running tasks per container instance and family",
+          status == 200 and tasks["tasks"] == 3 and tasks["container_instances"].get(arns[0]) == {"selftest": 2}
+          and tasks["container_instances"].get(arns[2]) == {"selftest": 1}, f"{status} {tasks}")
+
+
 def main():
     t0 = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="world-selftest-"))
@@ -362,6 +398,13 @@ def main():
                              "--task-definitions", str(taskdefs), "--asg", ASG, "--imds-tags",
                              "--imds-set", f"local-ipv4={IP_OVERRIDE}", "--ecs-data", str(data_dir)])
         run(world, data_dir)
+        world.stop()
+        fleet_root = root / "fleet"
+        fleet_root.mkdir()
+        world = World(fleet_root, ["--cluster", CLUSTER, "--servers", "0", "--stopped-servers", "0",
+                                   "--task-definitions", str(taskdefs), "--nodes", "3",
+                                   "--ecs-config", str(fleet_root / "node-{node}" / "ecs.config")])
+        run_fleet(world, fleet_root)
     except Exception as e:  # a check that could not even run
         import traceback
         traceback.print_exc()
