@@ -1,7 +1,8 @@
 //! AWS plumbing shared by the EC2, ECS and Auto Scaling boundaries: owns the SDK configuration
 //! (region, endpoint, credentials chain, timeouts), what a failed call means ([`AwsError`]),
 //! the retry policy of AWS calls ([`retry_until`]: full jitter from [`RETRY_BASE`] to
-//! [`RETRY_CAP`] until a deadline) and the per-operation call accounting ([`AwsCalls`]).
+//! [`RETRY_CAP`] until a deadline), the per-operation call accounting ([`AwsCalls`]) and the
+//! random delay of a boot's first call ([`FIRST_CALL_JITTER`]).
 //!
 //! Every AWS call is retried until a deadline of its own (the README's table lists each):
 //! through [`retry_until`] (the tags read, the drain's steps, the look for a task a lost
@@ -34,18 +35,21 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_ecs::error::ProvideErrorMetadata;
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
 use aws_smithy_runtime_api::client::result::SdkError;
+use rand::Rng;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// Throttling is logged at most this often per operation, with how many calls it hit.
 const THROTTLE_LOG_EVERY: Duration = Duration::from_secs(60);
+/// A boot's first AWS call waits a random delay up to this ([`AwsCalls::jittered`]).
+pub const FIRST_CALL_JITTER: Duration = Duration::from_secs(1);
 /// Retries start at this delay (full jitter: anything up to it) and double up to the cap.
 pub const RETRY_BASE: Duration = Duration::from_millis(200);
-pub const RETRY_CAP: Duration = Duration::from_secs(20);
+pub const RETRY_CAP: Duration = Duration::from_secs(10);
 
 /// The error codes by which AWS services say "too many requests" (the SDK's own list).
 const THROTTLING_CODES: &[&str] = &[
@@ -220,11 +224,14 @@ where
 }
 
 /// Calls and errors per AWS operation ("ecs:StartTask"), for the boot summary, status and
-/// metrics; throttling is logged here, once a minute per operation.
+/// metrics; throttling is logged here, once a minute per operation. With a first-call jitter
+/// ([`AwsCalls::jittered`]), the first call waits a random delay ([`AwsCalls::pace`]).
 #[derive(Debug, Default)]
 pub struct AwsCalls {
     ops: Mutex<BTreeMap<&'static str, OpCount>>,
     throttle_log: Mutex<BTreeMap<&'static str, (Instant, u64)>>,
+    /// The bound of the first call's random delay, and once drawn, when calls may begin.
+    first_call: Mutex<(Duration, Option<Instant>)>,
 }
 
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -237,6 +244,36 @@ pub struct OpCount {
 }
 
 impl AwsCalls {
+    /// Accounting whose first call waits a random delay up to `bound` ([`FIRST_CALL_JITTER`]
+    /// for a boot): at a scale-out many nodes boot in the same instant, and their first calls
+    /// should not reach the account's buckets all in that instant.
+    pub fn jittered(bound: Duration) -> AwsCalls {
+        AwsCalls {
+            first_call: Mutex::new((bound, None)),
+            ..AwsCalls::default()
+        }
+    }
+
+    /// Awaited before a call that may be the first: the first draws the delay (full jitter up
+    /// to the bound; logged) and every call waits until it has passed — at once after that.
+    pub async fn pace(&self) {
+        let at = {
+            let mut first = self.first_call.lock().unwrap_or_else(|p| p.into_inner());
+            let (bound, at) = &mut *first;
+            *at.get_or_insert_with(|| {
+                let delay = rand::rng().random_range(Duration::ZERO..=*bound);
+                if !delay.is_zero() {
+                    debug!(
+                        delay_ms = delay.as_millis() as u64,
+                        "the first AWS call waits {delay:?} (jitter)"
+                    );
+                }
+                Instant::now() + delay
+            })
+        };
+        tokio::time::sleep_until(at).await;
+    }
+
     /// One call of `op` that succeeded.
     pub fn ok(&self, op: &'static str) {
         self.count(op, None);
@@ -375,6 +412,22 @@ mod tests {
         })
         .await;
         assert_eq!(out.unwrap(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_first_call_of_a_jittered_accounting_waits_and_at_most_the_bound() {
+        let calls = AwsCalls::jittered(Duration::from_secs(1));
+        let start = Instant::now();
+        calls.pace().await;
+        let first = Instant::now() - start;
+        assert!(first <= Duration::from_secs(1), "{first:?}");
+        let again = Instant::now();
+        calls.pace().await;
+        assert_eq!(Instant::now(), again, "later calls do not wait");
+        let plain = AwsCalls::default();
+        let now = Instant::now();
+        plain.pace().await;
+        assert_eq!(Instant::now(), now, "no jitter unless asked");
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
 //! EC2 boundary: owns the EC2 questions nodeagent asks — which running instances carry a tag
 //! (the Consul servers), and which `nodeagent:` tags this instance carries when the instance
-//! metadata does not show tags.
+//! metadata does not show tags. One of them is a boot's first AWS call: both wait for the
+//! accounting's first-call jitter ([`AwsCalls::pace`]).
 
 use crate::aws::AwsCalls;
 use async_trait::async_trait;
@@ -40,6 +41,7 @@ impl SdkEc2 {
 #[async_trait]
 impl Ec2 for SdkEc2 {
     async fn running_private_ips(&self, key: &str, value: &str) -> anyhow::Result<Vec<String>> {
+        self.calls.pace().await;
         let mut pages = self
             .client
             .describe_instances()
@@ -79,6 +81,7 @@ impl Ec2 for SdkEc2 {
         instance_id: &str,
         prefix: &str,
     ) -> anyhow::Result<Option<Vec<(String, String)>>> {
+        self.calls.pace().await;
         let mut pages = self
             .client
             .describe_tags()

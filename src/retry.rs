@@ -1,7 +1,7 @@
 //! Retry pacing: owns the exponential backoffs nodeagent waits with — "equal jitter"
 //! ([`Backoff`]: never short, for polling a peer and restarting a task) and "full jitter"
 //! ([`FullJitter`]: for AWS calls, where a fleet of nodes shares one throttling bucket and
-//! must not retry in lockstep).
+//! must not retry in lockstep) — and the spread of periodic work ([`spread`]).
 
 use rand::Rng;
 use std::time::Duration;
@@ -66,9 +66,25 @@ pub fn jitter(d: Duration) -> Duration {
     half + rand::rng().random_range(Duration::ZERO..=half)
 }
 
+/// A period drawn uniformly from [d, 5d/4]: spread apart like [`jitter`]'s, but never shorter
+/// than `d`, so something done "every d" is done at most once per d (the reconcile's listing:
+/// an idle fleet's whole cost).
+pub fn spread(d: Duration) -> Duration {
+    d + rand::rng().random_range(Duration::ZERO..=d / 4)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_spread_period_is_never_shorter() {
+        let d = Duration::from_secs(60);
+        for _ in 0..1000 {
+            let p = spread(d);
+            assert!(p >= d && p <= d + d / 4, "{p:?}");
+        }
+    }
 
     #[test]
     fn delays_grow_to_the_cap_and_stay_in_range() {

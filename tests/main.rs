@@ -10,6 +10,7 @@ mod config_check;
 mod config_layers;
 mod docker_boundary;
 mod faults;
+mod fleet;
 mod fuzz;
 mod iam_policy;
 mod image;

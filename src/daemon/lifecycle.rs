@@ -71,6 +71,7 @@ impl Standing<'_> {
                     reassert: lc
                         .ready_attribute_at_join
                         .then_some(Duration::from_secs(300)),
+                    record: Some(Arc::new(fs.clone())),
                 };
                 let withdraw = Withdraw {
                     withdraw,

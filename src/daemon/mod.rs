@@ -60,7 +60,8 @@ pub async fn run(at: &Location, once: bool, logging: &Logging) -> anyhow::Result
         )
     };
     let _extender = AbortOnDrop(tokio::spawn(notifier.clone().keep_extending(board.clone())));
-    let calls = Arc::new(AwsCalls::default());
+    // The boot's first AWS call is jittered: a scale-out boots many nodes in the same instant.
+    let calls = Arc::new(AwsCalls::jittered(aws::FIRST_CALL_JITTER));
     let snapshot: server::Snapshot = {
         let (board, calls) = (board.clone(), calls.clone());
         Arc::new(move || {

@@ -5,16 +5,26 @@
 //! It is put ("true") once every task is healthy, and deleted when the node has been degraded
 //! for `lifecycle.degraded_grace` — a blip shorter than that changes nothing. Both calls are
 //! idempotent, so an agent that restarts simply puts it again once its adopted tasks pass their
-//! checks. Failed calls are retried with backoff.
+//! checks. Only the gate puts it, and it notes so on the host ([`RECORD`]): an agent that
+//! finds no note knows there is nothing to delete — a node still starting its tasks past the
+//! grace (a throttled scale-out) spends no call removing what it never had. Failed calls are retried with AWS calls' full jitter ([`crate::aws::retry_until`]'s
+//! pacing): the attribute shares ECS's `StartTask` bucket, which a scale-out drains.
 
+use crate::aws::{RETRY_BASE, RETRY_CAP};
 use crate::ecs::ContainerInstance;
-use crate::retry::Backoff;
+use crate::hostfs::{HostFs, Perms};
+use crate::retry::FullJitter;
 use crate::supervisor::{State, TaskStatus};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
+
+/// Where the gate notes that it put the attribute (the attribute's name), removed when it
+/// deletes it: nodeagent's state, kept across reboots as the container instance keeps its
+/// attributes, and removed with the instance's identity by `prepare-image`.
+pub const RECORD: &str = "/var/lib/nodeagent/ready-attribute";
 
 pub struct ReadinessGate {
     pub api: Arc<dyn ContainerInstance>,
@@ -25,22 +35,31 @@ pub struct ReadinessGate {
     /// Put the attribute again this often while healthy: when the ECS agent registers it as
     /// "false" itself (`ECS_INSTANCE_ATTRIBUTES`), an agent restart resets it.
     pub reassert: Option<Duration>,
+    /// Where [`RECORD`] is kept; `None`: nowhere (whether the attribute is there is then
+    /// unknown until a call succeeds).
+    pub record: Option<Arc<dyn HostFs>>,
 }
 
 impl ReadinessGate {
     /// Follows the tasks' states until their channel closes, or until `withdrawn` turns true
     /// (a drain): then the attribute is removed for good. `present` reports whether the
-    /// attribute is known to be set (`None` until the first call succeeded).
+    /// attribute is known to be set (`None`: not known until a call succeeds — an earlier
+    /// agent noted it put it, or the note cannot be read).
     pub async fn run(
         self,
         mut tasks: watch::Receiver<Vec<TaskStatus>>,
         mut withdrawn: watch::Receiver<bool>,
         present: watch::Sender<Option<bool>>,
     ) {
+        if let Some(fs) = &self.record {
+            if let Ok(None) = fs.read(RECORD) {
+                present.send_replace(Some(false)); // never put: nothing to delete
+            }
+        }
         let mut degraded_since = Some(Instant::now());
         let mut retry_at: Option<Instant> = None;
         let mut put_at: Option<Instant> = None;
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut backoff = FullJitter::new(RETRY_BASE, RETRY_CAP);
         loop {
             let healthy = tasks.borrow().iter().all(|t| t.state == State::Healthy);
             let now = Instant::now();
@@ -72,10 +91,11 @@ impl ReadinessGate {
             if let Some(want) = want.filter(|w| (*present.borrow() != Some(*w) || stale) && due) {
                 match self.apply(want).await {
                     Ok(()) => {
+                        self.note(want);
                         put_at = want.then(Instant::now);
                         present.send_replace(Some(want));
                         retry_at = None;
-                        backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+                        backoff = FullJitter::new(RETRY_BASE, RETRY_CAP);
                     }
                     Err(e) => {
                         let delay = backoff.next_delay();
@@ -97,6 +117,20 @@ impl ReadinessGate {
                 _ = withdrawn.changed() => {}
                 _ = super::sleep_until(wake) => {}
             }
+        }
+    }
+
+    /// Notes on the host whether the attribute is there now.
+    fn note(&self, set: bool) {
+        let Some(fs) = &self.record else { return };
+        let noted = if set {
+            fs.write_atomic(RECORD, self.attribute.as_bytes(), Perms::mode(0o644))
+                .map(|_| ())
+        } else {
+            fs.remove(RECORD).map(|_| ())
+        };
+        if let Err(e) = noted {
+            warn!(path = RECORD, "cannot note the readiness attribute in {RECORD} ({e}): a restarted agent may delete an attribute that is not there, or keep one it should delete");
         }
     }
 
@@ -198,6 +232,56 @@ mod tests {
         }
     }
 
+    fn gate(api: Arc<Recorder>, record: Option<Arc<dyn HostFs>>) -> ReadinessGate {
+        ReadinessGate {
+            api,
+            cluster: "c".into(),
+            container_instance: "arn:ci".into(),
+            attribute: "nodeagent.ready".into(),
+            grace: Duration::from_secs(60),
+            reassert: None,
+            record,
+        }
+    }
+
+    /// A scale-out's node waits minutes for its starts (throttled): past the grace, it has
+    /// nothing to delete unless an earlier agent noted it put the attribute.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_still_starting_past_the_grace_deletes_only_what_was_put() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs: Arc<dyn HostFs> = Arc::new(crate::hostfs::RootedFs::new(dir.path()));
+        let api = Arc::new(Recorder::default());
+        let (tx, rx) = watch::channel(tasks(&[State::Starting, State::Starting]));
+        let (present, seen) = watch::channel(None);
+        let (_withdraw, withdrawn) = watch::channel(false);
+        let run = tokio::spawn(gate(api.clone(), Some(fs.clone())).run(rx, withdrawn, present));
+        tokio::time::sleep(Duration::from_secs(300)).await;
+        assert!(api.calls().is_empty(), "never put, nothing deleted");
+        assert_eq!(*seen.borrow(), Some(false));
+        tx.send_replace(tasks(&[State::Healthy, State::Healthy]));
+        settle().await;
+        assert_eq!(api.calls(), ["put arn:ci nodeagent.ready=true"]);
+        assert_eq!(
+            fs.read(RECORD).unwrap().as_deref(),
+            Some(&b"nodeagent.ready"[..])
+        );
+        drop(tx);
+        run.await.unwrap();
+
+        // The next agent finds the note: degraded past the grace, it deletes the attribute.
+        let api = Arc::new(Recorder::default());
+        let (_tx, rx) = watch::channel(tasks(&[State::CrashLoop]));
+        let (present, seen) = watch::channel(None);
+        let (_withdraw, withdrawn) = watch::channel(false);
+        tokio::spawn(gate(api.clone(), Some(fs.clone())).run(rx, withdrawn, present));
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert!(api.calls().is_empty(), "within the grace");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(api.calls(), ["delete arn:ci nodeagent.ready"]);
+        assert_eq!(*seen.borrow(), Some(false));
+        assert_eq!(fs.read(RECORD).unwrap(), None, "the note goes with it");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn absent_until_healthy_then_removed_only_after_the_grace() {
         let api = Arc::new(Recorder::default());
@@ -211,6 +295,7 @@ mod tests {
             attribute: "nodeagent.ready".into(),
             grace: Duration::from_secs(60),
             reassert: None,
+            record: None,
         };
         let (withdraw, withdrawn) = watch::channel(false);
         let run = tokio::spawn(gate.run(rx, withdrawn, present));

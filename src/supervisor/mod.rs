@@ -27,7 +27,7 @@ mod slot;
 mod tests;
 
 use crate::config::Supervision;
-use crate::retry::{jitter, FullJitter};
+use crate::retry::{jitter, spread, FullJitter};
 use crate::runtime::{Exit, Instance, Runtime, RuntimeEvent};
 use control::{Ask, HoldRequest};
 pub use control::{Control, Liveness};
@@ -339,7 +339,7 @@ impl Supervisor {
         self.reconcile(jobs).await;
         Instant::now()
             + if self.listed {
-                jitter(self.policy.reconcile_interval)
+                spread(self.policy.reconcile_interval)
             } else {
                 list_retry.next_delay()
             }

@@ -7,9 +7,11 @@
 pub mod agent;
 pub mod docker;
 pub mod faults;
+pub mod fleet;
 pub mod netns;
 pub mod node;
 pub mod notify;
+pub mod sim;
 
 use serde::Deserialize;
 use std::io::{BufRead, BufReader};
@@ -32,7 +34,19 @@ pub struct WorldInfo {
     pub local_ipv4: String,
     pub server_ips: Vec<String>,
     pub stopped_server_ips: Vec<String>,
+    /// Every node of the world (`--nodes`; one by default, the fields above).
+    #[serde(default)]
+    pub nodes: Vec<NodeInfo>,
     pub pid: u32,
+}
+
+/// One node of a world: its instance, its IMDS and its ECS agent fixture.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeInfo {
+    pub instance_id: String,
+    pub local_ipv4: String,
+    pub imds_url: String,
+    pub agent_url: String,
 }
 
 pub struct World {
@@ -75,11 +89,34 @@ impl World {
     pub fn start(args: &[&str]) -> World {
         let root = tempfile::tempdir().unwrap();
         let ecs_config = root.path().join("etc/ecs/ecs.config");
+        World::start_in(root, &ecs_config, args)
+    }
+
+    /// Starts a world of `nodes` nodes (`--nodes`): node K's ECS agent fixture reads
+    /// `ROOT/node-K/etc/ecs/ecs.config`, the ecs.config of a nodeagent run with `--root
+    /// ROOT/node-K` ([`World::node_root`]).
+    pub fn start_nodes(nodes: usize, args: &[&str]) -> World {
+        let root = tempfile::tempdir().unwrap();
+        let ecs_config = root.path().join("node-{node}/etc/ecs/ecs.config");
+        let n = nodes.to_string();
+        let args: Vec<&str> = ["--nodes", n.as_str()]
+            .into_iter()
+            .chain(args.iter().copied())
+            .collect();
+        World::start_in(root, &ecs_config, &args)
+    }
+
+    /// Node K's root (`--root`) in a world of [`World::start_nodes`].
+    pub fn node_root(&self, k: usize) -> PathBuf {
+        self.root.path().join(format!("node-{k}"))
+    }
+
+    fn start_in(root: tempfile::TempDir, ecs_config: &Path, args: &[&str]) -> World {
         let mut child = Command::new(python())
             .arg(repo().join("tests/world/world.py"))
             .arg("serve")
             .arg("--ecs-config")
-            .arg(&ecs_config)
+            .arg(ecs_config)
             .args(args)
             .stdout(Stdio::piped())
             // The world's log stays with the test's root, out of the test output.

@@ -330,6 +330,29 @@ async fn nothing_starts_before_the_first_listing_and_what_runs_is_adopted() {
     );
 }
 
+/// An idle node is listed at most once per `reconcile_interval` (the fleet's steady state: one
+/// `ListTasks` a minute per node at most); jittered, never sooner than the interval.
+#[tokio::test(start_paused = true)]
+async fn an_idle_node_is_listed_at_most_once_per_reconcile_interval() {
+    let (fake, health) = fresh();
+    let mut r = supervise(fake, health, policy(), three());
+    r.all_healthy().await;
+    let start = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    let lists: Vec<Instant> = r.fake.with(|s| s.lists.iter().map(|(at, _)| *at).collect());
+    let gaps: Vec<Duration> = lists.windows(2).map(|w| w[1] - w[0]).collect();
+    let interval = policy().reconcile_interval;
+    assert!(
+        gaps.iter().all(|g| *g >= interval),
+        "every gap at least {interval:?}: {gaps:?}"
+    );
+    let in_the_hour = lists.iter().filter(|at| **at >= start).count();
+    assert!(
+        (48..=60).contains(&in_the_hour),
+        "{in_the_hour} listings in an hour"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_exit_reported_before_its_start_is_claimed_when_the_start_lands() {
     let (fake, health) = fresh();
