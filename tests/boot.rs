@@ -149,7 +149,9 @@ async fn waits_for_a_consul_server_that_boots_later() {
 
 #[tokio::test]
 async fn waits_for_an_ecs_agent_that_comes_up_late() {
-    let world = World::start(&["--agent-ready-after", "3"]);
+    // 5 s: the boot's first AWS call (the tags, in the instance-metadata phase) waits up to 1 s
+    // (jitter), and the agent must still be waited for past the first 2 quiet seconds.
+    let world = World::start(&["--agent-ready-after", "5"]);
     let started = Instant::now();
     let out = world.run_once(&world.config(""));
     assert!(out.status.success(), "{}", transcript(&out));

@@ -39,11 +39,9 @@ fn invariants(s: &Summary) {
 fn a_fleet_of_30_agents_converges_through_the_throttling() {
     block_on(async {
         let mut fleet = Fleet::start(NODES, SCALE).await;
-        assert!(
-            fleet.spawned_in < Duration::from_secs(1),
-            "all started within a second: {:?}",
-            fleet.spawned_in
-        );
+        // Printed, not asserted (a machine's load, not the agent's): behind the start barrier
+        // the agents all start in a few milliseconds.
+        eprintln!("fleet: {NODES} agents started in {:?}", fleet.spawned_in);
         fleet
             .watch(Duration::from_millis(500), Duration::from_secs(300))
             .await;
@@ -54,7 +52,8 @@ fn a_fleet_of_30_agents_converges_through_the_throttling() {
 }
 
 /// The same agents' code on a virtual clock, 1,000 nodes at AWS's own numbers, with the steady
-/// state after: at most one call a node a minute.
+/// state after: at most one call a node a minute. `SIMN` / `SIMS` change the number of nodes and
+/// the buckets' scale (by hand: the benchmark's `--simulate` prints the same line).
 #[test]
 fn a_simulated_fleet_of_1000_converges_and_then_costs_at_most_a_call_a_minute() {
     let dir = sim::scratch();
@@ -72,6 +71,13 @@ fn a_simulated_fleet_of_1000_converges_and_then_costs_at_most_a_call_a_minute() 
         s.by_operation
     );
     invariants(&s);
+    // On the virtual clock the time is the agent's own pacing, not this machine's load.
+    let within = s.converged_in.expect("converged");
+    assert!(
+        within <= 1.5 * s.floor,
+        "within 1.5x the throttle floor: {}",
+        s.line()
+    );
     assert!(s.steady_per_min <= 1.0, "steady state: {}", s.line());
     // Nothing is removed that was never put: a node still starting its tasks when the degraded
     // grace ran out used to delete a readiness attribute it never had.

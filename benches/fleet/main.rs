@@ -45,13 +45,18 @@ fn args() -> Args {
         scale: 1.0,
         steady: Duration::from_secs(120),
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = std::env::args().skip(1).peekable();
     while let Some(arg) = it.next() {
         let mut value = |name: &str| it.next().unwrap_or_else(|| panic!("{name} needs a value"));
         match arg.as_str() {
             "--nodes" => args.nodes = value("--nodes").parse().expect("--nodes N"),
+            // `--simulate` alone simulates `--nodes`; `--simulate N` simulates N.
             "--simulate" => {
-                args.simulate = Some(value("--simulate").parse().expect("--simulate N"))
+                args.simulate = Some(0);
+                if let Some(n) = it.peek().and_then(|v| v.parse().ok()) {
+                    args.simulate = Some(n);
+                    it.next();
+                }
             }
             "--scale" => args.scale = value("--scale").parse().expect("--scale F"),
             "--steady" => {
@@ -65,6 +70,9 @@ fn args() -> Args {
 }
 
 fn details(s: &Summary) {
+    if let Some(note) = &s.note {
+        eprintln!("fleet: {note}");
+    }
     eprintln!(
         "fleet: boot calls/node p10={} p90={}; throttled attempts/node until ready p50={} p90={} max={}",
         quantile(&s.boot_calls, 0.1),
@@ -81,7 +89,8 @@ fn details(s: &Summary) {
 
 fn main() {
     let args = args();
-    if let Some(nodes) = args.simulate {
+    if let Some(simulate) = args.simulate {
+        let nodes = if simulate == 0 { args.nodes } else { simulate };
         let dir = support::sim::scratch();
         let started = std::time::Instant::now();
         let s = support::sim::simulate(nodes, args.scale, args.steady, dir.path());
