@@ -429,6 +429,22 @@ impl Fleet {
                         .contains(GAVE_UP)
             })
             .count();
+        // Why the first node that gave up did: its log's last lines.
+        if let Some(node) = self.nodes.iter().find(|x| {
+            x.exited
+                || std::fs::read_to_string(x.root.join("nodeagent.log"))
+                    .unwrap_or_default()
+                    .contains(GAVE_UP)
+        }) {
+            let log = std::fs::read_to_string(node.root.join("nodeagent.log")).unwrap_or_default();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "fleet: {} gave up (exited: {}); its log ends:\n{}",
+                node.root.display(),
+                node.exited,
+                lines[lines.len().saturating_sub(8)..].join("\n")
+            );
+        }
         Summary {
             nodes: n,
             converged: converged.len(),
