@@ -2,23 +2,23 @@
 //!
 //! ```text
 //! cargo bench --bench fleet -- --nodes N [--scale F] [--steady SECONDS]
-//! cargo bench --bench fleet -- --simulate N [--scale F] [--steady SECONDS]
+//! cargo bench --bench fleet -- --simulate [N] [--nodes N] [--scale F] [--steady SECONDS]
 //! ```
 //!
 //! `--nodes N` (default 300): N real `nodeagent run` processes (ECS runtime, health checks
-//! off, each under its own `--root`), all started within a second, against one test world of N
+//! off, each under its own `--root`), released at once by a start barrier, against one world of N
 //! nodes (`world.py serve --nodes N`: N instances in moto, an IMDS and an ECS agent fixture per
 //! node) whose fault layer applies AWS's documented token buckets (`support::fleet::BUCKETS`);
-//! `--scale F` runs the buckets at F of AWS's numbers (when the emulator cannot keep up; the
-//! line says so). `--simulate N`: the agents' own code on a virtual clock against the same
-//! bucket model (`support::sim`). Either prints one line:
+//! `--scale F` runs the buckets at F of AWS's numbers (when the emulator cannot keep up; stderr
+//! says so). `--simulate` (N nodes, or `--nodes`): the agents' own code on a virtual clock
+//! against the same bucket model (`support::sim`). Either prints one line on stdout:
 //!
 //! ```text
 //! fleet: nodes=300 converged=300 in 34.2 s (throttle floor 27.5 s, x1.24) boot calls/node p50=6 max=8 steady calls/node/min=1.0 throttled=412 duplicates=0 give-ups=0
 //! ```
 //!
 //! converged: nodes whose three tasks were started or adopted (their `status --json`), the time
-//! from the first node's start to the last's; the floor: what the buckets allow for the calls
+//! from the barrier's release to the last's; the floor: what the buckets allow for the calls
 //! every node must make; boot calls: the calls AWS served a node until its readiness attribute
 //! was set (its throttled attempts are in `throttled`, the run's total); steady: calls per node
 //! per minute, counted by the world, over `--steady` (120 s) after every node converged and set
@@ -110,9 +110,14 @@ fn main() {
     rt.block_on(async {
         let mut fleet = Fleet::start(args.nodes, args.scale).await;
         eprintln!(
-            "fleet: {} agents started in {:.2} s",
+            "fleet: {} agents released at once by the start barrier; every process was the agent {:.2} s later{}",
             args.nodes,
-            fleet.spawned_in.as_secs_f64()
+            fleet.spawned_in.as_secs_f64(),
+            if fleet.spawned_in > Duration::from_secs(1) {
+                " (not within a second)"
+            } else {
+                ""
+            }
         );
         let limit = Duration::from_secs_f64(floor(args.nodes, args.scale) * 4.0 + 300.0);
         fleet.watch(Duration::from_millis(500), limit).await;
