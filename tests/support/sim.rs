@@ -419,6 +419,7 @@ async fn node(
         fs: &fs,
         ec2: sim.as_ref(),
         agent: sim.as_ref(),
+        secrets: &NoSecrets,
     };
     if let Err(e) = nodeagent::boot::run(&settings, &facts, &boot_node, &Quiet).await {
         let mut s = seen.lock().unwrap();
@@ -611,4 +612,20 @@ pub fn simulate(nodes: usize, scale: f64, steady: Duration, dir: &std::path::Pat
             by_operation: m.by_op.clone(),
         }
     })
+}
+
+/// The simulated nodes have no secrets (the default configuration): nothing is asked of it.
+struct NoSecrets;
+
+#[async_trait]
+impl nodeagent::secrets::SecretStore for NoSecrets {
+    async fn parameters(
+        &self,
+        _names: &[String],
+    ) -> anyhow::Result<std::collections::BTreeMap<String, nodeagent::secrets::Fetched>> {
+        anyhow::bail!("no parameter is configured")
+    }
+    async fn secret_value(&self, _id: &str) -> anyhow::Result<nodeagent::secrets::Fetched> {
+        anyhow::bail!("no secret is configured")
+    }
 }
