@@ -38,6 +38,20 @@ async fn create_secret(world: &World, name: &str, value: &str) {
         .unwrap();
 }
 
+/// A world whose SSM holds the gossip key (`GOSSIP_1`) and whose Secrets Manager holds the agent
+/// token (`TOKEN`, field `token`).
+async fn secrets_world() -> World {
+    let world = World::start(&[]);
+    put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_1).await;
+    create_secret(
+        &world,
+        "prod/consul/agent",
+        &format!("{{\"token\": \"{TOKEN}\"}}"),
+    )
+    .await;
+    world
+}
+
 /// The node's configuration: the two secrets (read every `refresh`) in consul-agent's file,
 /// 0640, from a template of our own; `extra` TOML after it.
 fn secrets_config(world: &World, refresh: &str, extra: &str) -> std::path::PathBuf {
@@ -193,14 +207,7 @@ fn nodeagent(world: &World, args: &[&str], config: &Path) -> std::process::Outpu
 
 #[tokio::test]
 async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() {
-    let world = World::start(&[]);
-    put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_1).await;
-    create_secret(
-        &world,
-        "prod/consul/agent",
-        &format!("{{\"token\": \"{TOKEN}\"}}"),
-    )
-    .await;
+    let world = secrets_world().await;
     let metrics = support::docker::free_port();
     let config = secrets_config(
         &world,
@@ -336,14 +343,7 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
 /// render was never tried again, and the task kept the old secret for good.)
 #[tokio::test]
 async fn a_rotation_that_cannot_be_rendered_is_tried_again_and_restarts_its_task_once() {
-    let world = World::start(&[]);
-    put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_1).await;
-    create_secret(
-        &world,
-        "prod/consul/agent",
-        &format!("{{\"token\": \"{TOKEN}\"}}"),
-    )
-    .await;
+    let world = secrets_world().await;
     let config = secrets_config(&world, "2s", "");
     let _agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
     wait_for_async(Duration::from_secs(30), "a healthy node", async || {

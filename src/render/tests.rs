@@ -15,35 +15,13 @@ fn facts() -> InstanceFacts {
     }
 }
 
-/// The context a boot gives the templates, with these facts, cluster and servers.
-fn context<'a>(
-    facts: &'a InstanceFacts,
-    settings: &'a Settings,
-    cluster: &'a str,
-    servers: &'a [String],
-) -> Context<'a> {
-    Context {
-        instance: facts,
-        cluster,
-        consul: ConsulContext {
-            servers,
-            datacenter: &settings.consul.datacenter,
-            server_tag: &settings.consul.server_tag,
-        },
-        ecs: EcsContext {
-            container_instance_arn: None,
-        },
-        vars: &settings.vars,
-    }
-}
-
 fn render(
     settings: &Settings,
     read: &dyn Fn(&str) -> anyhow::Result<String>,
 ) -> BTreeMap<String, RenderedFile> {
     let facts = facts();
     let servers = vec!["10.0.0.5".to_string(), "10.0.0.6".to_string()];
-    let ctx = context(&facts, settings, &settings.cluster, &servers);
+    let ctx = context(settings, &facts, &servers, None);
     Renderer::new(settings, read)
         .unwrap()
         .render(&ctx, &BTreeMap::new())
@@ -134,7 +112,7 @@ fn undefined_variables_are_errors() {
     )])
     .unwrap();
     let facts = facts();
-    let ctx = context(&facts, &settings, "c", &[]);
+    let ctx = context(&settings, &facts, &[], None);
     let read = |_: &str| Ok("{{ vars.missing }}".to_string());
     let err = Renderer::new(&settings, &read)
         .unwrap()
@@ -172,7 +150,7 @@ fn secrets_reach_only_the_files_that_name_them() {
         "{err:#}"
     );
     let facts = facts();
-    let ctx = context(&facts, &settings, "c", &[]);
+    let ctx = context(&settings, &facts, &[], None);
     let secrets = BTreeMap::from([("gossip", "s3cr\"et")]);
     let files: BTreeMap<String, RenderedFile> = renderer
         .render(&ctx, &secrets)
@@ -185,7 +163,7 @@ fn secrets_reach_only_the_files_that_name_them() {
     assert_eq!(files["/opt/x/s.json"].secrets, vec!["gossip".to_string()]);
     assert_eq!(
         files["/opt/x/peek.json"].contents.as_str(),
-        "{\"peek\": \"c\"}"
+        format!("{{\"peek\": \"{}\"}}", settings.cluster).as_str()
     );
     assert!(files["/opt/x/peek.json"].secrets.is_empty());
     assert!(!format!("{:?}", files["/opt/x/s.json"]).contains("s3cr"));
