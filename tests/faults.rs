@@ -2,8 +2,8 @@
 //! made less kind than moto (the fault layer of `tests/world/world.py`: throttling, lost
 //! answers, lag, slow answers; IMDS down, slow or expiring its tokens; an ECS agent that stops
 //! or restarts) or against the node itself (a Docker engine restarted, a full disk, a stepped
-//! clock, SIGKILL, two agents; a frozen engine is operator.rs's watchdog test). The ECS runtime against moto unless the row is about
-//! Docker; Docker rows run a whole node on the stand-ins (`support::node`), each in its own
+//! clock, SIGKILL, two agents; a frozen engine is operator.rs's watchdog test, a crash loop
+//! node.rs's degraded node). The ECS runtime against moto unless the row is about Docker; Docker rows run a whole node on the stand-ins (`support::node`), each in its own
 //! network namespace.
 //!
 //! Each row asserts what applies of: never two running copies of a task (checked every 200 ms
@@ -19,7 +19,6 @@ use crate::support::faults::{
     status_at, temp_files, three_once, torn_files, PlacementCheck, Watch,
 };
 use crate::support::node::Node;
-use crate::support::notify::Listener;
 use crate::support::{self, block_on, netns, transcript, wait_for, World};
 use serde_json::json;
 use std::os::unix::fs::PermissionsExt;
@@ -620,88 +619,6 @@ fn r12_dockerd_restart_brings_the_tasks_back_once_each() {
     assert!(agent.alive(), "{}", agent.log());
     watch.assert_clean(10);
     assert_files_whole(node.world.root.path());
-}
-
-// ---------------------------------------------------------------- 14. a crash loop
-
-#[test]
-fn r14_a_crash_loop_leaves_a_ready_degraded_node_naming_the_task_and_its_output() {
-    if !netns::enter("r14_a_crash_loop_leaves_a_ready_degraded_node_naming_the_task_and_its_output")
-    {
-        return;
-    }
-    let node = Node::start(&[]);
-    node.conf_d(
-        "50-test.toml",
-        "[tasks.consul-agent.files.\"/opt/consul/config/consul-agent.json\"]\nmode = \"0600\"\n\
-         [supervision]\nready_timeout = \"4s\"\ncrash_loop_restarts = 3\nbackoff_max = \"1s\"\n",
-    );
-    let notify = node.path("/notify.sock");
-    let listener = Listener::bind(&notify);
-    let mut agent = node.run_with("agent", |cmd| {
-        cmd.env("NOTIFY_SOCKET", &notify);
-    });
-    wait_for(Duration::from_secs(40), "READY=1", || {
-        listener.ready().is_some()
-    });
-    let messages = listener.messages();
-    let supervising = messages
-        .iter()
-        .find(|(_, m)| m.contains("tasks healthy"))
-        .map(|(t, _)| *t)
-        .unwrap();
-    let ready = messages
-        .iter()
-        .find(|(_, m)| m.lines().any(|l| l == "READY=1"))
-        .unwrap();
-    let waited = ready.0 - supervising;
-    assert!(
-        waited >= Duration::from_millis(3500) && waited < Duration::from_secs(15),
-        "READY after supervision.ready_timeout (4 s): {waited:?}"
-    );
-    // Degraded, naming the failing task (its state then: crash-loop, or still restarting on a
-    // loaded machine).
-    assert!(
-        ready
-            .1
-            .contains("STATUS=degraded: 0/3 tasks healthy; consul-agent "),
-        "{}",
-        ready.1
-    );
-    wait_for(
-        Duration::from_secs(30),
-        "consul-agent in crash-loop",
-        || {
-            node.task("consul-agent")
-                .is_some_and(|t| t["state"] == "crash-loop")
-        },
-    );
-    let out = node.nodeagent(&["status"]);
-    assert_eq!(out.status.code(), Some(1));
-    let table = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        table.contains("consul-agent (crash-loop) last wrote:"),
-        "{table}"
-    );
-    let consul = node.task("consul-agent").unwrap();
-    assert_eq!(consul["state"], "crash-loop", "{consul}");
-    assert!(
-        consul["last_output"]
-            .as_str()
-            .unwrap()
-            .contains("permission denied"),
-        "{consul}"
-    );
-    std::thread::sleep(Duration::from_secs(3));
-    assert!(
-        agent.alive(),
-        "a degraded node's agent stays up: {}",
-        agent.log()
-    );
-    assert!(
-        node.containers().len() <= 1,
-        "nothing depending on it started"
-    );
 }
 
 // ---------------------------------------------------------------- 15. SIGKILL mid-boot

@@ -140,12 +140,29 @@ fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
     );
     let notify = node.path("/notify.sock");
     let listener = Listener::bind(&notify);
-    let _agent = node.run_with("agent", |cmd| {
+    let mut agent = node.run_with("agent", |cmd| {
         cmd.env("NOTIFY_SOCKET", &notify);
     });
     wait_for(Duration::from_secs(30), "READY=1", || {
         listener.ready().is_some()
     });
+    // READY at `ready_timeout` (4 s) after supervision began, not before, not much later.
+    let messages = listener.messages();
+    let supervising = messages
+        .iter()
+        .find(|(_, m)| m.contains("tasks healthy"))
+        .map(|(t, _)| *t)
+        .unwrap();
+    let ready_at = messages
+        .iter()
+        .find(|(_, m)| m.lines().any(|l| l == "READY=1"))
+        .unwrap()
+        .0;
+    let waited = ready_at - supervising;
+    assert!(
+        waited >= Duration::from_millis(3500) && waited < Duration::from_secs(15),
+        "READY after supervision.ready_timeout (4 s): {waited:?}"
+    );
     let ready = listener.ready().unwrap();
     let status = ready
         .lines()
@@ -190,6 +207,15 @@ fn a_task_that_never_gets_healthy_leaves_a_ready_degraded_node_that_says_why() {
         "{table}"
     );
     assert!(table.contains("permission denied"), "{table}");
+    assert!(
+        agent.alive(),
+        "a degraded node's agent stays up: {}",
+        agent.log()
+    );
+    assert!(
+        node.containers().len() <= 1,
+        "nothing depending on it started"
+    );
     let consul = node.task("consul-agent").unwrap();
     assert_eq!(consul["last_exit"]["code"], 1, "{consul}");
     assert!(
