@@ -20,7 +20,9 @@ fn again(name: &str) -> Command {
         "ip link set lo up && exec \"$@\"",
         "sh",
     ])
-    .arg(std::env::current_exe().expect("this program"))
+    // This process's own executable, through /proc while it waits for the child: it runs even
+    // when a newer build has replaced the file at its path meanwhile.
+    .arg(format!("/proc/{}/exe", std::process::id()))
     .env(INSIDE, name);
     cmd
 }
