@@ -1,7 +1,7 @@
 //! EC2 boundary: owns the EC2 questions nodeagent asks — which running instances carry a tag
 //! (the Consul servers), and which `nodeagent:` tags this instance carries when the instance
 //! metadata does not show tags. One of them is a boot's first AWS call: both wait for the
-//! accounting's first-call jitter ([`AwsCalls::pace`]).
+//! accounting's first-call jitter ([`AwsCalls::pace`]), as the secrets' reads beside discovery do.
 
 use crate::aws::AwsCalls;
 use async_trait::async_trait;

@@ -312,7 +312,7 @@ fn r06_start_task_throttled_10_times_starts_three_tasks_once_each() {
     let out = world.run_once(&config);
     let took = t.elapsed();
     assert!(out.status.success(), "{}", transcript(&out));
-    // Full jitter from 0.2 s doubling to 20 s: ten throttled attempts wait 85 s at the most.
+    // Full jitter from 0.2 s doubling to 10 s: ten throttled attempts wait 53 s at the most.
     assert!(took < Duration::from_secs(120), "{took:?}");
     watch.settle(2);
     assert!(three_once(&live_by_family(&world)));

@@ -52,6 +52,7 @@ impl SecretStore for SdkSecrets {
         if names.len() > SSM_BATCH {
             bail!("at most {SSM_BATCH} parameters a call");
         }
+        self.calls.pace().await;
         let answer = self
             .ssm
             .get_parameters()
@@ -81,6 +82,7 @@ impl SecretStore for SdkSecrets {
     }
 
     async fn secret_value(&self, id: &str) -> anyhow::Result<Fetched> {
+        self.calls.pace().await;
         let answer = self
             .secretsmanager
             .get_secret_value()
