@@ -24,7 +24,8 @@
 //! see the truth); and a `StartTask` whose answer was lost is never resent blindly (ECS's
 //! `StartTask` takes no client token): its caller looks first ([`FailureKind::Lost`]).
 //! `adaptive`'s client-side rate limiter only learns from this one client's throttles, which
-//! at fleet scale come from everyone else's calls.
+//! at fleet scale come from everyone else's calls; measured with 300 nodes, it converged at
+//! x1.35 of the throttle floor against full jitter's x1.10 (README, "A hostile AWS").
 
 use crate::retry::FullJitter;
 use aws_config::environment::EnvironmentVariableRegionProvider;

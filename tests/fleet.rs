@@ -40,8 +40,8 @@ fn a_fleet_of_30_agents_converges_through_the_throttling() {
     block_on(async {
         let mut fleet = Fleet::start(NODES, SCALE).await;
         // Printed, not asserted (a machine's load, not the agent's): behind the start barrier
-        // the agents all start in a few milliseconds.
-        eprintln!("fleet: {NODES} agents started in {:?}", fleet.spawned_in);
+        // the agents all get their configuration in a few milliseconds.
+        eprintln!("fleet: {NODES} agents released in {:?}", fleet.spawned_in);
         fleet
             .watch(Duration::from_millis(500), Duration::from_secs(300))
             .await;

@@ -6,9 +6,10 @@
 //! - [`floor`]: how soon the buckets let every node make the calls it must make;
 //! - [`Summary`]: the one line a run prints;
 //! - [`Fleet`]: N real `nodeagent run` processes (ECS runtime, health checks off, each under its
-//!   own `--root`) against one world of N nodes (`world.py serve --nodes N`), all started within
-//!   a second, watched through their status sockets; stopped by PID (SIGTERM: their tasks keep
-//!   running, as on a node) when dropped.
+//!   own `--root`) against one world of N nodes (`world.py serve --nodes N`), released at once
+//!   by a start barrier (each agent's configuration file is a FIFO: started, every agent waits
+//!   in that first read until all get theirs), watched through their status sockets; stopped by
+//!   PID (SIGTERM: their tasks keep running, as on a node) when dropped.
 
 use super::World;
 use futures_util::future::join_all;
@@ -174,7 +175,7 @@ pub struct Fleet {
     pub world: World,
     pub nodes: Vec<FleetNode>,
     pub scale: f64,
-    /// When the start barrier opened, and how long until every process was the agent.
+    /// When the start barrier opened, and how long until every agent had its configuration.
     pub t0: SystemTime,
     pub spawned_in: Duration,
 }
@@ -192,16 +193,13 @@ pub struct FleetNode {
     pub exited: bool,
 }
 
-/// The start barrier: `sh -c BARRIER FIFO AGENT ARGS…` waits until the FIFO is opened for
-/// writing, then execs the agent (the same process: its PID is the agent's).
-const BARRIER: &str = ": < \"$0\"; exec \"$@\"";
-
 /// The log line of a task start that failed for good (the start's deadline, a refusal).
 const GAVE_UP: &str = "could not start the task";
 
 impl Fleet {
     /// Starts the world (`--nodes`, tags in the instance metadata as the example launch template
-    /// has them), sets the buckets, then every node's `nodeagent run`, all within a second.
+    /// has them), sets the buckets, then every node's `nodeagent run`, and opens the start
+    /// barrier once every agent waits at it.
     pub async fn start(nodes: usize, scale: f64) -> Fleet {
         let world = World::start_nodes(nodes, &["--imds-tags"]);
         let groups: Vec<serde_json::Value> = buckets(scale)
@@ -211,39 +209,31 @@ impl Fleet {
         world
             .control("POST", "/buckets", serde_json::json!({ "groups": groups }))
             .await;
-        let go = world.root.path().join("go.fifo");
-        rustix::fs::mknodat(
-            rustix::fs::CWD,
-            &go,
-            rustix::fs::FileType::Fifo,
-            rustix::fs::Mode::from_raw_mode(0o600),
-            0,
-        )
-        .expect("the start barrier's FIFO");
-        let mut commands = Vec::new();
+        let mut starting = Vec::new();
         for (k, node) in world.info.nodes.iter().enumerate() {
             let root = world.node_root(k);
             std::fs::create_dir_all(&root).unwrap();
-            let config = root.join("nodeagent.toml");
             // No Consul or linkerd answers in the test world: their health checks are off.
-            std::fs::write(
-                &config,
-                format!(
-                    "[ecs]\nintrospection_url = \"{}\"\nagent_timeout = \"2m\"\n\
-                     [tasks.consul-agent.health]\nhttp = \"\"\n[tasks.linkerd.health]\nhttp = \"\"\n",
-                    node.agent_url
-                ),
+            let config = format!(
+                "[ecs]\nintrospection_url = \"{}\"\nagent_timeout = \"2m\"\n\
+                 [tasks.consul-agent.health]\nhttp = \"\"\n[tasks.linkerd.health]\nhttp = \"\"\n",
+                node.agent_url
+            );
+            // The start barrier: the configuration file is a FIFO, the first thing `run` reads;
+            // the agent waits in that read until the barrier opens.
+            let path = root.join("nodeagent.toml");
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &path,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
             )
-            .unwrap();
-            // Each agent is spawned behind the start barrier: `sh` opens the FIFO (which waits
-            // for its writer), then becomes the agent (`exec`, the same PID).
-            let mut cmd = Command::new("/bin/sh");
-            cmd.args(["-c", BARRIER])
-                .arg(&go)
-                .arg(env!("CARGO_BIN_EXE_nodeagent"))
-                .arg("run")
+            .expect("the start barrier's FIFO");
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodeagent"));
+            cmd.arg("run")
                 .arg("--config")
-                .arg(&config)
+                .arg(&path)
                 .arg("--root")
                 .arg(&root)
                 .stdout(Stdio::null())
@@ -256,41 +246,65 @@ impl Fleet {
                     format!("unix://{}", root.join("no-docker.sock").display()),
                 )
                 .env_remove("NOTIFY_SOCKET");
-            commands.push((cmd, root));
+            starting.push((cmd.spawn().expect("start nodeagent"), root, config));
         }
-        let nodes: Vec<FleetNode> = commands
-            .into_iter()
-            .map(|(mut cmd, root)| FleetNode {
-                child: cmd.spawn().expect("start nodeagent"),
-                root,
-                converged_at: None,
-                ready_at: None,
-                calls: None,
-                exited: false,
-            })
-            .collect();
-        // Every `sh` reaches the barrier (forking hundreds of processes on a loaded machine
-        // takes seconds); then the barrier opens, and all become agents at once.
-        tokio::time::sleep(Duration::from_millis(200 + 5 * nodes.len() as u64)).await;
+        // Every agent reaches the barrier (starting hundreds of processes on a loaded machine
+        // takes seconds): its FIFO opens for writing without waiting once the agent has it open
+        // for reading. Held open, so the agent waits in its read.
+        let mut held: Vec<Option<std::os::fd::OwnedFd>> = starting.iter().map(|_| None).collect();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while held.iter().any(Option::is_none) {
+            for (k, (child, root, _)) in starting.iter_mut().enumerate() {
+                if held[k].is_some() {
+                    continue;
+                }
+                if let Ok(Some(exit)) = child.try_wait() {
+                    panic!("{} exited before the start barrier: {exit}", root.display());
+                }
+                let flags = rustix::fs::OFlags::WRONLY
+                    | rustix::fs::OFlags::NONBLOCK
+                    | rustix::fs::OFlags::CLOEXEC;
+                match rustix::fs::open(
+                    root.join("nodeagent.toml"),
+                    flags,
+                    rustix::fs::Mode::empty(),
+                ) {
+                    Ok(fd) => held[k] = Some(fd),
+                    Err(rustix::io::Errno::NXIO) => {}
+                    Err(e) => panic!("the start barrier of {}: {e}", root.display()),
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the agents reached the start barrier"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The barrier opens: every agent gets its configuration, back to back.
         let t0 = SystemTime::now();
         let started = Instant::now();
-        let barrier = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&go)
-            .expect("open the start barrier");
-        // Started: every process is the agent (its `comm`), or gone (an exit is seen later).
-        let pids: Vec<u32> = nodes.iter().map(|x| x.child.id()).collect();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while Instant::now() < deadline
-            && !pids.iter().all(|pid| {
-                std::fs::read_to_string(format!("/proc/{pid}/comm"))
-                    .map_or(true, |comm| comm.trim() == "nodeagent")
-            })
-        {
-            tokio::time::sleep(Duration::from_millis(2)).await;
+        for (fd, (_, _, config)) in held.into_iter().zip(&starting) {
+            let written = rustix::io::write(fd.expect("held"), config.as_bytes());
+            assert_eq!(written.ok(), Some(config.len()), "a whole configuration");
         }
         let spawned_in = started.elapsed();
-        drop(barrier);
+        let nodes = starting
+            .into_iter()
+            .map(|(child, root, config)| {
+                // The same configuration, now a regular file, for whoever reads it later.
+                let file = root.join("nodeagent.toml.new");
+                std::fs::write(&file, config).unwrap();
+                std::fs::rename(&file, root.join("nodeagent.toml")).unwrap();
+                FleetNode {
+                    child,
+                    root,
+                    converged_at: None,
+                    ready_at: None,
+                    calls: None,
+                    exited: false,
+                }
+            })
+            .collect();
         Fleet {
             world,
             nodes,
@@ -466,7 +480,8 @@ impl Fleet {
             give_ups,
             note: (self.scale < 1.0).then(|| {
                 format!(
-                    "buckets at {:.0}% of AWS's documented rates",
+                    "buckets at {:.0}% of AWS's documented rates: scaled down, as the emulator \
+                     (one Python process) cannot serve AWS's own",
                     self.scale * 100.0
                 )
             }),
