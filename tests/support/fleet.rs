@@ -253,13 +253,18 @@ impl Fleet {
         // for reading. Held open, so the agent waits in its read.
         let mut held: Vec<Option<std::os::fd::OwnedFd>> = starting.iter().map(|_| None).collect();
         let deadline = Instant::now() + Duration::from_secs(120);
-        while held.iter().any(Option::is_none) {
+        let mut failed = None;
+        while failed.is_none() && held.iter().any(Option::is_none) {
             for (k, (child, root, _)) in starting.iter_mut().enumerate() {
-                if held[k].is_some() {
+                if held[k].is_some() || failed.is_some() {
                     continue;
                 }
                 if let Ok(Some(exit)) = child.try_wait() {
-                    panic!("{} exited before the start barrier: {exit}", root.display());
+                    failed = Some(format!(
+                        "{} exited before the start barrier: {exit}",
+                        root.display()
+                    ));
+                    continue;
                 }
                 let flags = rustix::fs::OFlags::WRONLY
                     | rustix::fs::OFlags::NONBLOCK
@@ -271,14 +276,23 @@ impl Fleet {
                 ) {
                     Ok(fd) => held[k] = Some(fd),
                     Err(rustix::io::Errno::NXIO) => {}
-                    Err(e) => panic!("the start barrier of {}: {e}", root.display()),
+                    Err(e) => {
+                        failed = Some(format!("the start barrier of {}: {e}", root.display()))
+                    }
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "the agents reached the start barrier"
-            );
+            if Instant::now() >= deadline {
+                failed = Some("the agents did not all reach the start barrier in 120 s".into());
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if let Some(why) = failed {
+            // Every agent started is stopped by its PID before the test fails.
+            for (child, _, _) in &mut starting {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            panic!("{why}");
         }
         // The barrier opens: every agent gets its configuration, back to back.
         let t0 = SystemTime::now();

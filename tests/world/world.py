@@ -74,7 +74,8 @@ What runs inside (one process, one thread per server):
   agent fixture on ports of their own (the agent reads ecs.config and keeps its checkpoint at
   paths with {node} replaced by the node's number), each agent registering its own instance's
   container instance. One thread accepts for every fixture port (Hub) and one ticks every agent
-  (AgentClock), so hundreds of nodes cost two threads, not hundreds. Node 0 is the one the
+  (AgentClock; the registrations due run side by side on 16 workers), so hundreds of nodes cost
+  a few threads, not hundreds. Node 0 is the one the
   single-node fields of the JSON line describe; "nodes" lists all of them.
 
 * Control API (own port, so the fixtures stay faithful):
