@@ -429,6 +429,19 @@ mod tests {
         let now = Instant::now();
         plain.pace().await;
         assert_eq!(Instant::now(), now, "no jitter unless asked");
+        // And the first waits are spread, not all zero (nor all the bound).
+        let mut firsts = Vec::new();
+        for _ in 0..20 {
+            let calls = AwsCalls::jittered(Duration::from_secs(1));
+            let start = Instant::now();
+            calls.pace().await;
+            firsts.push(Instant::now() - start);
+        }
+        assert!(firsts.iter().any(|f| !f.is_zero()), "{firsts:?}");
+        assert!(
+            firsts.iter().any(|f| *f < Duration::from_secs(1)),
+            "{firsts:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,10 +1,60 @@
 //! Retry pacing: owns the exponential backoffs nodeagent waits with — "equal jitter"
 //! ([`Backoff`]: never short, for polling a peer and restarting a task) and "full jitter"
 //! ([`FullJitter`]: for AWS calls, where a fleet of nodes shares one throttling bucket and
-//! must not retry in lockstep) — and the spread of periodic work ([`spread`]).
+//! must not retry in lockstep) — the spread of periodic work ([`spread`]), and a boot's wait
+//! for something that may not be there yet ([`wait_until`]).
 
 use rand::Rng;
 use std::time::Duration;
+use tokio::time::Instant;
+use tracing::info;
+
+/// A boot's wait tries again after a delay drawn from zero up to this range's doubling bound
+/// (full jitter), from its first to its last value.
+pub const WAIT_POLL: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
+/// While waiting on something outside, say so this often.
+pub const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Tries `attempt` until it succeeds or `deadline` passes, with full-jitter delays
+/// ([`WAIT_POLL`], never past the deadline) between tries: how a boot waits for what may not
+/// be there yet (the Consul servers, the secrets). `waiting` hears how long it has waited
+/// (`None` once done); why it waits is logged every [`WAIT_LOG_EVERY`] as "waiting for
+/// `what`: why". At the deadline: the last reason.
+pub async fn wait_until<T, F, Fut>(
+    what: &str,
+    deadline: Instant,
+    waiting: &(dyn Fn(Option<Duration>) + Sync),
+    mut attempt: F,
+) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let start = Instant::now();
+    let mut backoff = FullJitter::new(WAIT_POLL.0, WAIT_POLL.1);
+    let mut last_log: Option<Instant> = None;
+    loop {
+        let why = match attempt().await {
+            Ok(done) => {
+                waiting(None);
+                return Ok(done);
+            }
+            Err(why) => why,
+        };
+        if Instant::now() >= deadline {
+            return Err(why);
+        }
+        waiting(Some(start.elapsed()));
+        if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
+            info!(
+                waited_s = start.elapsed().as_secs(),
+                "waiting for {what}: {why}"
+            );
+            last_log = Some(Instant::now());
+        }
+        tokio::time::sleep(backoff.next_delay().min(deadline - Instant::now())).await;
+    }
+}
 
 /// Exponential backoff with "equal jitter": each delay is drawn from [d/2, d], where d doubles
 /// from `initial` up to `cap`. Never zero, so a failing peer is never polled in a busy loop.

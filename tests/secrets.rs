@@ -41,14 +41,14 @@ async fn create_secret(world: &World, name: &str, value: &str) {
 /// A world whose SSM holds the gossip key (`GOSSIP_1`) and whose Secrets Manager holds the agent
 /// token (`TOKEN`, field `token`).
 async fn secrets_world() -> World {
+    secrets_world_holding(&format!("{{\"token\": \"{TOKEN}\"}}")).await
+}
+
+/// The same, the agent's secret document being `agent_secret`.
+async fn secrets_world_holding(agent_secret: &str) -> World {
     let world = World::start(&[]);
     put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_1).await;
-    create_secret(
-        &world,
-        "prod/consul/agent",
-        &format!("{{\"token\": \"{TOKEN}\"}}"),
-    )
-    .await;
+    create_secret(&world, "prod/consul/agent", agent_secret).await;
     world
 }
 
@@ -93,14 +93,8 @@ fn files_holding(root: &Path, values: &[&str]) -> Vec<(String, u32)> {
 
 #[tokio::test]
 async fn a_boot_renders_ssm_and_secrets_manager_secrets_into_its_0640_file_only() {
-    let world = World::start(&[]);
-    put_parameter(&world, "/prod/consul/gossip-key", GOSSIP_1).await;
-    create_secret(
-        &world,
-        "prod/consul/agent",
-        &format!("{{\"token\": \"{TOKEN}\", \"other\": \"x\"}}"),
-    )
-    .await;
+    let world =
+        secrets_world_holding(&format!("{{\"token\": \"{TOKEN}\", \"other\": \"x\"}}")).await;
     let config = secrets_config(&world, "5m", "");
     let out = world.run_once(&config);
     assert!(out.status.success(), "{}", transcript(&out));

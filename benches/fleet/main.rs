@@ -112,12 +112,7 @@ fn main() {
         );
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    support::block_on(async {
         let scale = args.scale.unwrap_or(EMULATOR_SCALE);
         let mut fleet = Fleet::start(args.nodes, scale).await;
         eprintln!(

@@ -22,7 +22,7 @@ use crate::facts::InstanceFacts;
 use crate::hostfs::{HostFs, Written};
 use crate::phase::Phase;
 use crate::render::{render_files, RenderedFile};
-use crate::retry::{jitter, FullJitter};
+use crate::retry::{jitter, wait_until, WAIT_LOG_EVERY};
 use crate::secrets::{self, SecretStore, Secrets};
 use anyhow::{anyhow, bail};
 use serde::{Deserialize, Serialize};
@@ -32,15 +32,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tracing::{debug, info, info_span, Instrument};
 
-/// The Consul servers are asked for again after a delay drawn from zero up to this range's
-/// doubling bound (full jitter), from its first to its last value.
-const DISCOVERY_POLL: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
 /// The ECS agent is polled this often (jittered down to half) while it starts.
 const AGENT_POLL: Duration = Duration::from_millis(100);
 /// How long the ECS agent may take before the wait is logged.
 const AGENT_QUIET: Duration = Duration::from_secs(2);
-/// While waiting on something outside, say so this often.
-const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// The external systems the boot talks to, each behind its boundary trait.
 pub struct Node<'a> {
@@ -142,11 +137,7 @@ pub async fn run(
     }
     .instrument(info_span!("phase", phase = Phase::Agent.as_str()));
     let read_secrets = async {
-        let wanted: Vec<secrets::Wanted> = settings
-            .secret_sources()
-            .into_iter()
-            .map(|(name, source, _)| (name, source))
-            .collect();
+        let wanted: Vec<secrets::Wanted> = settings.secret_sources();
         let deadline = Instant::now() + settings.consul.discovery_timeout;
         let waiting = |w: Option<Duration>| progress.waiting(WAIT_SECRETS, w);
         secrets::fetch_until(node.secrets, &wanted, deadline, &waiting).await
@@ -200,42 +191,29 @@ async fn discover_servers(
         "tag:{}={} and instance-state-name=running",
         tag.key, tag.value
     );
-    let start = Instant::now();
-    let deadline = start + settings.consul.discovery_timeout;
-    let mut backoff = FullJitter::new(DISCOVERY_POLL.0, DISCOVERY_POLL.1);
-    let mut last_log: Option<Instant> = None;
-    loop {
-        let why = match ec2.running_private_ips(&tag.key, &tag.value).await {
-            Ok(ips) => {
-                let servers: BTreeSet<Ipv4Addr> =
-                    ips.iter().filter_map(|ip| ip.parse().ok()).collect();
-                if !servers.is_empty() {
-                    progress.waiting(WAIT_SERVERS, None);
-                    let servers: Vec<String> = servers.iter().map(Ipv4Addr::to_string).collect();
-                    info!(servers = ?servers, "found the Consul servers");
-                    return Ok(servers);
-                }
-                format!("no running instance matches {filter}")
-            }
-            Err(e) => format!("{e:#}"),
-        };
-        if Instant::now() >= deadline {
-            bail!(
-                "no Consul server found within {:?}: {why}; start the servers or fix consul.server_tag",
-                settings.consul.discovery_timeout
-            );
+    let deadline = Instant::now() + settings.consul.discovery_timeout;
+    let waiting = |w: Option<Duration>| progress.waiting(WAIT_SERVERS, w);
+    let filter = &filter;
+    let servers = wait_until("a Consul server", deadline, &waiting, || async move {
+        let ips = ec2
+            .running_private_ips(&tag.key, &tag.value)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let servers: BTreeSet<Ipv4Addr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        if servers.is_empty() {
+            return Err(format!("no running instance matches {filter}"));
         }
-        let delay = backoff.next_delay().min(deadline - Instant::now());
-        progress.waiting(WAIT_SERVERS, Some(start.elapsed()));
-        if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
-            info!(
-                waited_s = start.elapsed().as_secs(),
-                "waiting for a Consul server: {why}"
-            );
-            last_log = Some(Instant::now());
-        }
-        tokio::time::sleep(delay).await;
-    }
+        Ok(servers.iter().map(Ipv4Addr::to_string).collect::<Vec<_>>())
+    })
+    .await
+    .map_err(|why| {
+        anyhow!(
+            "no Consul server found within {:?}: {why}; start the servers or fix consul.server_tag",
+            settings.consul.discovery_timeout
+        )
+    })?;
+    info!(servers = ?servers, "found the Consul servers");
+    Ok(servers)
 }
 
 /// Polls the ECS agent's introspection API until it reports this node's container instance,

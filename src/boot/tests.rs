@@ -205,7 +205,10 @@ async fn servers_that_boot_later_and_a_late_agent_are_waited_for_together() {
     // polled every 50–100 ms (its readiness is noticed at once).
     let calls = r.servers.calls.lock().unwrap().clone();
     let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
-    assert!(gaps.iter().all(|g| *g <= DISCOVERY_POLL.1), "{gaps:?}");
+    assert!(
+        gaps.iter().all(|g| *g <= crate::retry::WAIT_POLL.1),
+        "{gaps:?}"
+    );
     assert!(
         calls.len() < 20,
         "{} DescribeInstances in 40 s",

@@ -104,11 +104,7 @@ pub(super) async fn show_config(common: &Common) -> anyhow::Result<ExitCode> {
 async fn secret_versions(settings: &config::Settings, sdk: &aws_config::SdkConfig) -> Vec<String> {
     use crate::secrets::{fetch_once, sdk::SdkSecrets};
     let store = SdkSecrets::new(sdk, Arc::new(AwsCalls::default()));
-    let wanted: Vec<_> = settings
-        .secret_sources()
-        .into_iter()
-        .map(|(name, source, _)| (name, source))
-        .collect();
+    let wanted = settings.secret_sources();
     let read = tokio::time::timeout(Duration::from_secs(10), fetch_once(&store, &wanted));
     let Ok(read) = read.await else {
         return vec!["# secrets: not read (no answer within 10 s)".into()];

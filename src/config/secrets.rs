@@ -60,14 +60,6 @@ impl SecretSource {
         }
         Err("expected \"ssm:/NAME\" or \"secretsmanager:NAME_OR_ARN[#KEY]\"".into())
     }
-
-    /// The service, for errors and status (`ssm`, `secretsmanager`).
-    pub fn service(&self) -> &'static str {
-        match self {
-            SecretSource::Ssm { .. } => "ssm",
-            SecretSource::SecretsManager { .. } => "secretsmanager",
-        }
-    }
 }
 
 impl fmt::Display for SecretSource {
@@ -126,13 +118,13 @@ impl Settings {
     }
 
     /// Every configured secret's source, by name (valid settings parse).
-    pub fn secret_sources(&self) -> Vec<(String, SecretSource, Duration)> {
+    pub fn secret_sources(&self) -> Vec<(String, SecretSource)> {
         self.secrets
             .iter()
             .filter_map(|(name, s)| {
                 SecretSource::parse(&s.from)
                     .ok()
-                    .map(|src| (name.clone(), src, s.refresh))
+                    .map(|src| (name.clone(), src))
             })
             .collect()
     }

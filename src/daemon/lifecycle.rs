@@ -177,19 +177,7 @@ impl Standing<'_> {
             let finished = resume.clone().filter(|d| d.done);
             let notice = match &resume {
                 Some(d) if d.done => None,
-                Some(d) => {
-                    let trigger = Trigger::resuming(&d.trigger);
-                    let gone_at = match trigger {
-                        Trigger::SpotInterruption => imds
-                            .spot_instance_action()
-                            .await
-                            .ok()
-                            .flatten()
-                            .and_then(|n| drain::spot_deadline(&n)),
-                        _ => None,
-                    };
-                    Some(Notice { trigger, gone_at })
-                }
+                Some(d) => Some(drain::resumed_notice(&d.trigger, imds.as_ref()).await),
                 None => Some(tokio::select! {
                     n = wait_for_trigger(imds.clone(), poll, rebalance) => n,
                     Some(request) = drains.recv() => {

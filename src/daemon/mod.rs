@@ -15,6 +15,8 @@ mod lifecycle;
 mod node;
 mod tasks;
 
+pub use tasks::task_specs;
+
 use crate::aws::{self, AwsCalls};
 use crate::config::{self, layers, Location};
 use crate::ec2::SdkEc2;

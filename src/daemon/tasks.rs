@@ -5,9 +5,12 @@
 use super::node::Booted;
 use crate::agent::HttpAgent;
 use crate::aws::AwsCalls;
+use crate::boot::BootReport;
 use crate::config::RuntimeKind;
+use crate::config::Settings;
 use crate::docker::{BollardDocker, Docker};
 use crate::ecs::SdkEcs;
+use crate::facts::InstanceFacts;
 use crate::hostfs::RootedFs;
 use crate::render::render_value;
 use crate::runtime::docker::DockerRuntime;
@@ -61,16 +64,20 @@ pub async fn supervisor(
         runtime,
         Arc::new(NetProber::new()?),
         settings.supervision.clone(),
-        specs(booted)?,
+        task_specs(&booted.settings, &booted.facts, &booted.report)?,
     ))
 }
 
-/// The enabled tasks as the supervisor sees them, in start order, health checks rendered.
-fn specs(booted: &Booted) -> anyhow::Result<Vec<TaskSpec>> {
-    let (settings, report) = (&booted.settings, &booted.report);
+/// The enabled tasks as the supervisor sees them, in start order, health checks rendered from
+/// what the boot found.
+pub fn task_specs(
+    settings: &Settings,
+    facts: &InstanceFacts,
+    report: &BootReport,
+) -> anyhow::Result<Vec<TaskSpec>> {
     let ctx = crate::render::context(
         settings,
-        &booted.facts,
+        facts,
         &report.consul_servers,
         report.container_instance_arn.as_deref(),
     );

@@ -7,6 +7,7 @@
 //! `reload` signal — each given `supervision.ready_timeout` to be healthy again before the
 //! next (the readiness attribute stays: a restart shorter than `degraded_grace` keeps it). What it did is reported as [`SecretStatus`] (status, logs), never a value.
 
+use crate::aws::{RETRY_BASE, RETRY_CAP};
 use crate::config::Settings;
 use crate::facts::InstanceFacts;
 use crate::hostfs::HostFs;
@@ -22,8 +23,6 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// A failed refresh is tried again from/to these (full jitter), within its refresh.
-const RETRY: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(20));
 /// Secrets due within this of each other are read together (one `GetParameters`).
 const BATCH_WINDOW: Duration = Duration::from_secs(1);
 
@@ -122,7 +121,7 @@ impl Rotation {
                 .flat_map(|r| &groups[r])
                 .filter_map(|n| self.current.0.get(n).map(|c| (n.clone(), c.source.clone())))
                 .collect();
-            let shortest = periods.iter().min().copied().unwrap_or(RETRY.1);
+            let shortest = periods.iter().min().copied().unwrap_or(RETRY_CAP);
             let read = read_within(self.store.as_ref(), &wanted, now + shortest).await;
             for r in &periods {
                 let d = due.get_mut(r).expect("a due period");
@@ -300,7 +299,8 @@ async fn read_within(
     deadline: Instant,
 ) -> BTreeMap<String, anyhow::Result<crate::secrets::Fetched>> {
     let mut results = fetch_once(store, wanted).await;
-    let mut backoff = FullJitter::new(RETRY.0, RETRY.1);
+    // A failed refresh is tried again with AWS calls' full jitter, within its refresh.
+    let mut backoff = FullJitter::new(RETRY_BASE, RETRY_CAP);
     loop {
         let failed: Vec<Wanted> = wanted
             .iter()

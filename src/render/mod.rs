@@ -60,7 +60,8 @@ pub struct EcsContext<'a> {
 }
 
 /// One rendered file, ready to be written. Its contents may hold secrets: they are zeroed
-/// on drop and never printed (`Debug` leaves them out).
+/// on drop and once written ([`render_files`]), and never printed (`Debug` leaves them out).
+/// The template engine's own copies while it renders are not zeroed.
 #[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct RenderedFile {
     pub task: String,

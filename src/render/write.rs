@@ -10,10 +10,13 @@ use crate::hostfs::{blocked_ancestor, HostFs, Perms, Written};
 use anyhow::{anyhow, Context as _};
 use std::collections::BTreeMap;
 use tracing::{debug, info, warn};
+use zeroize::Zeroizing;
 
 /// Renders every file and writes it atomically; creates the tasks' directories. User templates
 /// are read from `templates`, the files and directories go to `fs` (the same host at boot; a
-/// review directory for `nodeagent render`).
+/// review directory for `nodeagent render`). The files returned describe what was written —
+/// path, task, mode, checksum — without their contents (zeroed once written: a file may hold a
+/// secret, and the boot's report and the rotation keep these for the agent's life).
 pub fn render_files(
     settings: &Settings,
     facts: &InstanceFacts,
@@ -26,14 +29,14 @@ pub fn render_files(
     let read_template = |path: &str| read_text(templates, path);
     let renderer = Renderer::new(settings, &read_template)?;
     let ctx = context(settings, facts, servers, container_instance);
-    let files = renderer.render(&ctx, secrets)?;
+    let mut files = renderer.render(&ctx, secrets)?;
     for task in settings.enabled_tasks() {
         for dir in &settings.tasks[task.name].dirs {
             fs.create_dir_all(dir, TASK_DIRS)
                 .with_context(|| format!("tasks.{}.dirs", task.name))?;
         }
     }
-    for file in &files {
+    for file in &mut files {
         let owner = match &file.owner {
             Some(spec) => Some(
                 fs.resolve_owner(spec)
@@ -53,6 +56,7 @@ pub fn render_files(
             }
             Written::Unchanged => debug!(path = %file.path, "already up to date"),
         }
+        file.contents = Zeroizing::new(String::new());
     }
     Ok(files)
 }

@@ -13,11 +13,12 @@ pub mod sdk;
 mod tests;
 
 use crate::config::SecretSource;
-use crate::retry::FullJitter;
-use anyhow::{anyhow, bail};
+use crate::retry::wait_until;
+use anyhow::anyhow;
 use async_trait::async_trait;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 use tracing::info;
@@ -25,10 +26,6 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// SSM's `GetParameters` takes at most this many names.
 pub const SSM_BATCH: usize = 10;
-/// Retries of the boot's read: full jitter from/to these (as the discovery of the servers).
-const RETRY: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
-/// While waiting for a secret, say so this often.
-const WAIT_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// A secret's value: shown to nothing but the templates. Zeroed on drop.
 #[derive(Clone, PartialEq, Eq)]
@@ -201,53 +198,42 @@ pub async fn fetch_until(
     deadline: Instant,
     waiting: &(dyn Fn(Option<Duration>) + Sync),
 ) -> anyhow::Result<Secrets> {
-    let start = Instant::now();
-    let mut backoff = FullJitter::new(RETRY.0, RETRY.1);
-    let mut got: BTreeMap<String, Current> = BTreeMap::new();
-    let mut last_log: Option<Instant> = None;
-    loop {
-        let missing: Vec<Wanted> = wanted
-            .iter()
-            .filter(|(n, _)| !got.contains_key(n))
-            .cloned()
-            .collect();
-        let why = match fetch_missing(store, &missing, &mut got).await {
-            Ok(()) => {
-                waiting(None);
-                let versions: Vec<String> = got
-                    .iter()
-                    .map(|(n, c)| format!("{n} {}", c.fetched.version))
-                    .collect();
-                if !got.is_empty() {
-                    info!(secrets = %versions.join(", "), "read the secrets");
-                }
-                return Ok(Secrets(got));
-            }
-            Err(e) => format!("{e:#}"),
+    // What was read is kept across the tries: a try asks only for what is still missing.
+    let got: Mutex<BTreeMap<String, Current>> = Mutex::default();
+    let kept = &got;
+    wait_until("the secrets", deadline, waiting, || async move {
+        let missing: Vec<Wanted> = {
+            let got = kept.lock().expect("not poisoned");
+            wanted
+                .iter()
+                .filter(|(n, _)| !got.contains_key(n))
+                .cloned()
+                .collect()
         };
-        if Instant::now() >= deadline {
-            bail!(
-                "secrets not readable within the boot's deadline (consul.discovery_timeout): {why}"
-            );
-        }
-        waiting(Some(start.elapsed()));
-        if last_log.is_none_or(|t| t.elapsed() >= WAIT_LOG_EVERY) {
-            info!(
-                waited_s = start.elapsed().as_secs(),
-                "waiting for the secrets: {why}"
-            );
-            last_log = Some(Instant::now());
-        }
-        let delay = backoff.next_delay().min(deadline - Instant::now());
-        tokio::time::sleep(delay).await;
+        fetch_missing(store, &missing, kept)
+            .await
+            .map_err(|e| format!("{e:#}"))
+    })
+    .await
+    .map_err(|why| {
+        anyhow!("secrets not readable within the boot's deadline (consul.discovery_timeout): {why}")
+    })?;
+    let got = got.into_inner().expect("not poisoned");
+    if !got.is_empty() {
+        let versions: Vec<String> = got
+            .iter()
+            .map(|(n, c)| format!("{n} {}", c.fetched.version))
+            .collect();
+        info!(secrets = %versions.join(", "), "read the secrets");
     }
+    Ok(Secrets(got))
 }
 
 /// Reads `missing`, keeping what succeeded in `got` even when another failed.
 async fn fetch_missing(
     store: &dyn SecretStore,
     missing: &[Wanted],
-    got: &mut BTreeMap<String, Current>,
+    got: &Mutex<BTreeMap<String, Current>>,
 ) -> anyhow::Result<()> {
     let mut errors = Vec::new();
     for (name, result) in fetch_once(store, missing).await {
@@ -259,7 +245,7 @@ async fn fetch_missing(
                     .map(|(_, s)| s.clone())
                     .expect("asked for");
                 let fetched_at = SystemTime::now();
-                got.insert(
+                got.lock().expect("not poisoned").insert(
                     name,
                     Current {
                         source,

@@ -10,8 +10,6 @@ pub struct Fake {
     pub params: Mutex<BTreeMap<String, (String, i64)>>,
     pub secrets: Mutex<BTreeMap<String, (String, String)>>,
     pub calls: Mutex<Vec<String>>,
-    /// Calls that fail as denied (by operation), until cleared.
-    pub deny: Mutex<bool>,
 }
 
 #[async_trait]
@@ -21,9 +19,6 @@ impl SecretStore for Fake {
             .lock()
             .unwrap()
             .push(format!("GetParameters {}", names.join(",")));
-        if *self.deny.lock().unwrap() {
-            bail!("ssm:GetParameters failed: AccessDeniedException: kms:Decrypt denied");
-        }
         let params = self.params.lock().unwrap();
         Ok(names
             .iter()

@@ -295,15 +295,13 @@ impl Supervisor {
                 .unwrap_or_default();
             warn!(task = %name, code = ?exit.code, reason = %exit.reason, restart_in = ?delay, "{name}: {}{code}; restarting in {delay:?}", exit.reason);
         }
-        slot.set_state(if crash_loop {
+        let state = if crash_loop {
             State::CrashLoop
         } else {
             State::Restarting
-        });
+        };
+        slot.restart_at(state, now + delay);
         slot.last_exit = Some(exit);
-        slot.healthy_since = None;
-        slot.next_probe = None;
-        slot.next_start = Some(now + delay);
         slot.dead = Some(dead);
         self.restart_dependents(&name, jobs);
     }
@@ -320,10 +318,7 @@ impl Supervisor {
             }
             if let Some(inst) = dependent.instance.take() {
                 info!(task = %dependent.spec.name, dependency = %name, "{}: restarting with its dependency", dependent.spec.name);
-                dependent.set_state(State::Restarting);
-                dependent.healthy_since = None;
-                dependent.next_probe = None;
-                dependent.next_start = Some(now);
+                dependent.restart_at(State::Restarting, now);
                 self.stop_in_job(Some(j), inst, jobs);
             }
         }
@@ -355,14 +350,11 @@ impl Supervisor {
         info!(task = %task, id = %old.id, "{task}: restarting: {why}");
         old.running = true;
         slot.restarts += 1;
-        slot.set_state(State::Restarting);
+        slot.restart_at(State::Restarting, Instant::now());
         slot.last_exit = Some(Exit {
             code: None,
             reason: why.to_string(),
         });
-        slot.healthy_since = None;
-        slot.next_probe = None;
-        slot.next_start = Some(Instant::now());
         if let Some(dead) = slot.dead.replace(old) {
             self.stop_in_job(Some(i), dead, jobs);
         }

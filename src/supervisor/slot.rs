@@ -85,6 +85,15 @@ impl Slot {
         }
     }
 
+    /// Its instance is gone or going: in `state` until a new one starts at `at`, and not
+    /// probed (nor counted healthy) before.
+    pub fn restart_at(&mut self, state: State, at: Instant) {
+        self.set_state(state);
+        self.healthy_since = None;
+        self.next_probe = None;
+        self.next_start = Some(at);
+    }
+
     /// Whether its restarts within the crash-loop window (older ones are forgotten) reach the
     /// limit.
     pub fn crash_looping(&mut self, policy: &Supervision) -> bool {

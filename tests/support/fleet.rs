@@ -390,16 +390,19 @@ impl Fleet {
             .iter()
             .map(|x| x.converged_at.unwrap_or(0.0).max(x.ready_at.unwrap_or(0.0)))
             .fold(0.0, f64::max);
-        let mut steady_per_min = 0.0;
-        if all_converged && !steady.is_zero() {
+        let measure_steady = all_converged && !steady.is_zero();
+        if measure_steady {
             let until = self.t0 + Duration::from_secs_f64(settled) + steady;
             if let Ok(left) = until.duration_since(SystemTime::now()) {
                 tokio::time::sleep(left).await;
             }
-            let stats = self
-                .world
-                .control("GET", "/stats", serde_json::Value::Null)
-                .await;
+        }
+        let stats = self
+            .world
+            .control("GET", "/stats", serde_json::Value::Null)
+            .await;
+        let mut steady_per_min = 0.0;
+        if measure_steady {
             let from = epoch(self.t0) + settled;
             let to = from + steady.as_secs_f64();
             let calls = stats["aws"]["sequence"]
@@ -418,10 +421,6 @@ impl Fleet {
                 node.exited = true;
             }
         }
-        let stats = self
-            .world
-            .control("GET", "/stats", serde_json::Value::Null)
-            .await;
         let by_operation = stats["aws"]["by_operation"]
             .as_object()
             .into_iter()
@@ -447,29 +446,26 @@ impl Fleet {
                     .count()
             })
             .unwrap_or(0);
-        let give_ups = self
+        // Each node's log, read once: whether it gave a task up.
+        let logs: Vec<String> = self
             .nodes
             .iter()
-            .filter(|x| {
-                x.exited
-                    || std::fs::read_to_string(x.root.join("nodeagent.log"))
-                        .unwrap_or_default()
-                        .contains(GAVE_UP)
-            })
-            .count();
+            .map(|x| std::fs::read_to_string(x.root.join("nodeagent.log")).unwrap_or_default())
+            .collect();
+        let gave_up: Vec<bool> = self
+            .nodes
+            .iter()
+            .zip(&logs)
+            .map(|(x, log)| x.exited || log.contains(GAVE_UP))
+            .collect();
+        let give_ups = gave_up.iter().filter(|g| **g).count();
         // Why the first node that gave up did: its log's last lines.
-        if let Some(node) = self.nodes.iter().find(|x| {
-            x.exited
-                || std::fs::read_to_string(x.root.join("nodeagent.log"))
-                    .unwrap_or_default()
-                    .contains(GAVE_UP)
-        }) {
-            let log = std::fs::read_to_string(node.root.join("nodeagent.log")).unwrap_or_default();
-            let lines: Vec<&str> = log.lines().collect();
+        if let Some(k) = gave_up.iter().position(|g| *g) {
+            let lines: Vec<&str> = logs[k].lines().collect();
             eprintln!(
                 "fleet: {} gave up (exited: {}); its log ends:\n{}",
-                node.root.display(),
-                node.exited,
+                self.nodes[k].root.display(),
+                self.nodes[k].exited,
                 lines[lines.len().saturating_sub(8)..].join("\n")
             );
         }

@@ -1,12 +1,14 @@
 //! A fleet on a virtual clock, past what one machine can run for real: every node runs the
 //! agent's own code — the boot ([`nodeagent::boot::run`]: the Consul servers' discovery with its
 //! backoff, the ECS agent wait, rendering), the supervision ([`Supervisor`] over the
-//! [`EcsRuntime`]: the first listing, every start with its retries and the look after a lost
-//! answer, the reconciles) and the readiness gate — on tokio's paused clock, against an
+//! [`EcsRuntime`] with the daemon's own task specs: the first listing, every start with its
+//! retries, the reconciles) and the readiness gate — on tokio's paused clock, against an
 //! in-process model of the account: the same token buckets as the world's fault layer
 //! ([`super::fleet::BUCKETS`]) and ECS's tasks. Only the SDK and the network are replaced: each
 //! call takes a virtual 15–45 ms and is counted by the node's [`AwsCalls`] as the SDK boundary
-//! counts it (a throttled call is the service's throttling error, classified `Throttled`).
+//! counts it (a throttled call is the service's throttling error, classified `Throttled`). The
+//! model throttles but never loses an answer: the look after a lost `StartTask` is the fault
+//! matrix's (`tests/faults.rs`), not the simulation's.
 
 use super::fleet::{buckets, floor, Bucket, Summary};
 use async_trait::async_trait;
@@ -23,7 +25,7 @@ use nodeagent::phase::Phase;
 use nodeagent::runtime::ecs::{self, EcsRuntime};
 use nodeagent::runtime::{Instance, Runtime, RuntimeEvent};
 use nodeagent::supervisor::health::{Probe, Prober};
-use nodeagent::supervisor::{Supervisor, TaskSpec, Until};
+use nodeagent::supervisor::{Supervisor, Until};
 use rand::Rng;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -349,29 +351,6 @@ struct Seen {
     error: Option<String>,
 }
 
-/// The supervisor's specs, as the daemon builds them with health checks off.
-fn specs(settings: &Settings) -> Vec<TaskSpec> {
-    settings
-        .start_levels()
-        .into_iter()
-        .flatten()
-        .map(|t| {
-            let task = &settings.tasks[t.name];
-            let health = task.health.clone().unwrap_or_default();
-            TaskSpec {
-                name: t.name.to_string(),
-                depends_on: t.depends_on.to_vec(),
-                probe: None,
-                interval: health.interval,
-                timeout: health.timeout,
-                unhealthy_threshold: health.unhealthy_threshold,
-                restart_when_unhealthy: health.restart_when_unhealthy,
-                restart_with_dependencies: task.restart_with_dependencies,
-            }
-        })
-        .collect()
-}
-
 /// What every simulated node shares: AWS, the configuration, the fleet's start, the stop.
 #[derive(Clone)]
 struct Fleet {
@@ -421,12 +400,15 @@ async fn node(
         agent: sim.as_ref(),
         secrets: &NoSecrets,
     };
-    if let Err(e) = nodeagent::boot::run(&settings, &facts, &boot_node, &Quiet).await {
-        let mut s = seen.lock().unwrap();
-        s.gave_up = true;
-        s.error = Some(format!("{e:#}"));
-        return;
-    }
+    let report = match nodeagent::boot::run(&settings, &facts, &boot_node, &Quiet).await {
+        Ok(report) => report,
+        Err(e) => {
+            let mut s = seen.lock().unwrap();
+            s.gave_up = true;
+            s.error = Some(format!("{e:#}"));
+            return;
+        }
+    };
     let gave_up = Arc::new(Mutex::new(false));
     let runtime = Counting {
         inner: EcsRuntime::new(ecs::Context {
@@ -449,7 +431,8 @@ async fn node(
         Arc::new(runtime),
         Arc::new(NoProbes),
         settings.supervision.clone(),
-        specs(&settings),
+        // The daemon's own specs: the health checks are off in the configuration.
+        nodeagent::daemon::task_specs(&settings, &facts, &report).expect("the task specs"),
     );
     let gate = ReadinessGate {
         api: sim.clone(),

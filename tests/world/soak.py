@@ -90,14 +90,6 @@ class Soak:
             f.write(f"{pid} {what}\n")
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
 def stop_pid(proc, sig=signal.SIGTERM, wait=15):
     """Stops a Popen by its PID: `sig`, then SIGKILL after `wait` s."""
     if proc is None or proc.poll() is not None:
@@ -183,7 +175,6 @@ class Agent:
         self.expected_down = False
         self.generation = 0
         self.lock = threading.Lock()
-        self.started_at = None
 
     def start(self):
         with self.lock:
@@ -194,7 +185,6 @@ class Agent:
                                          preexec_fn=lambda: os.umask(0o027))
             log.close()
             self.soak.register(self.proc.pid, f"nodeagent {self.node.name}")
-            self.started_at = now()
             self.expected_down = False
 
     def sigkill(self):
@@ -345,7 +335,7 @@ class Node:
 
     # -- the schedule
 
-    def faults_now(self, t_left):
+    def faults_now(self):
         """(name, weight) of the faults that may be injected now."""
         raise NotImplementedError
 
@@ -355,7 +345,7 @@ class Node:
 
     def schedule(self, end):
         while not self.soak.stopping.is_set() and now() < end:
-            names, weights = zip(*self.faults_now(end - now()))
+            names, weights = zip(*self.faults_now())
             fault = self.rng.choices(names, weights)[0]
             self.disrupted = None
             try:
@@ -448,7 +438,7 @@ http = ""
         self.world.stop_task(live[family][0])
         return family
 
-    def faults_now(self, t_left):
+    def faults_now(self):
         faults = [("stop-task", 3), ("throttle", 2), ("lose", 2), ("lag", 1), ("slow", 1),
                   ("error", 2), ("agent-restart", 2), ("imds", 1)]
         if now() < self.args.duration - KILL_TAIL:
@@ -594,7 +584,7 @@ crash_loop_restarts = 1000
             return None
         return None if found is None else {t: len(ids) for t, ids in found.items()}
 
-    def faults_now(self, t_left):
+    def faults_now(self):
         faults = [("kill", 3), ("rm", 1), ("dockerd-restart", 1), ("dockerd-freeze", 2), ("imds", 1)]
         if now() < self.args.duration - KILL_TAIL:
             faults.append(("sigkill", 1))
@@ -729,8 +719,6 @@ def main():
         T0 = time.monotonic()  # the soak's clock starts with both nodes healthy
         for n in nodes:
             n.samples.clear()
-            if n.agent.pid():
-                n.agent.started_at = 0.0
         check_thread = threading.Thread(target=checker, daemon=True)
         check_thread.start()
         threads = [threading.Thread(target=n.schedule, args=(args.duration,), daemon=True) for n in nodes]

@@ -767,11 +767,15 @@ class Hub:
                 with self.lock:
                     requests, self.requests = self.requests, []
                 for action, server, done in requests:
-                    if action == "add":
-                        self.selector.register(server.socket, selectors.EVENT_READ, server)
-                    else:
-                        self.selector.unregister(server.socket)
-                    done.set()
+                    try:
+                        if action == "add":
+                            self.selector.register(server.socket, selectors.EVENT_READ, server)
+                        else:
+                            self.selector.unregister(server.socket)
+                    except (KeyError, ValueError, OSError) as e:  # the hub keeps serving the others
+                        log.warning("hub: cannot %s a listening socket: %r", action, e)
+                    finally:
+                        done.set()
 
 
 HUB = None

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 mod tests;
 mod trigger;
 
-pub use trigger::{spot_deadline, wait_for_trigger, Notice, Trigger};
+pub use trigger::{resumed_notice, wait_for_trigger, Notice, Trigger};
 
 /// ECS's own terminating hook when managed instance draining is on (capacity providers): ECS
 /// completes it once the instance's tasks are gone. nodeagent never completes it; it stops its

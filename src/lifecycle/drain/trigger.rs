@@ -60,6 +60,22 @@ pub fn spot_deadline(notice: &str) -> Option<SystemTime> {
     humantime::parse_rfc3339_weak(doc.get("time")?.as_str()?).ok()
 }
 
+/// The notice of a drain an earlier agent began for the trigger it recorded (`name`): a spot
+/// interruption's deadline is read from IMDS again.
+pub async fn resumed_notice(name: &str, imds: &dyn Imds) -> Notice {
+    let trigger = Trigger::resuming(name);
+    let gone_at = match trigger {
+        Trigger::SpotInterruption => imds
+            .spot_instance_action()
+            .await
+            .ok()
+            .flatten()
+            .and_then(|n| spot_deadline(&n)),
+        _ => None,
+    };
+    Notice { trigger, gone_at }
+}
+
 /// Polls IMDS every `every` (jittered) for a reason to drain: the autoscaling group
 /// terminating the instance, a spot interruption notice, and (when `rebalance`) a rebalance
 /// recommendation. Returns the first one seen.
