@@ -213,12 +213,7 @@ impl Fleet {
         for (k, node) in world.info.nodes.iter().enumerate() {
             let root = world.node_root(k);
             std::fs::create_dir_all(&root).unwrap();
-            // No Consul or linkerd answers in the test world: their health checks are off.
-            let config = format!(
-                "[ecs]\nintrospection_url = \"{}\"\nagent_timeout = \"2m\"\n\
-                 [tasks.consul-agent.health]\nhttp = \"\"\n[tasks.linkerd.health]\nhttp = \"\"\n",
-                node.agent_url
-            );
+            let config = super::config_text(&node.agent_url, "2m", "");
             // The start barrier: the configuration file is a FIFO, the first thing `run` reads;
             // the agent waits in that read until the barrier opens.
             let path = root.join("nodeagent.toml");

@@ -142,13 +142,7 @@ impl World {
     /// Writes a config file pointing at this world's ECS agent, plus `extra` TOML.
     pub fn config(&self, extra: &str) -> PathBuf {
         let path = self.root.path().join("nodeagent.toml");
-        // No Consul or linkerd answers in the test world: their default health checks are off.
-        let text = format!(
-            "[ecs]\nintrospection_url = \"{}\"\nagent_timeout = \"30s\"\n{extra}\n\
-             [tasks.consul-agent.health]\nhttp = \"\"\n[tasks.linkerd.health]\nhttp = \"\"\n",
-            self.info.agent_url
-        );
-        std::fs::write(&path, text).unwrap();
+        std::fs::write(&path, config_text(&self.info.agent_url, "30s", extra)).unwrap();
         path
     }
 
@@ -367,6 +361,16 @@ impl Drop for World {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A node's configuration in the test world: its ECS agent fixture at `agent_url`, waited for
+/// `agent_timeout`; `extra` TOML. No Consul or linkerd answers in the test world: their default
+/// health checks are off.
+pub fn config_text(agent_url: &str, agent_timeout: &str, extra: &str) -> String {
+    format!(
+        "[ecs]\nintrospection_url = \"{agent_url}\"\nagent_timeout = \"{agent_timeout}\"\n{extra}\n\
+         [tasks.consul-agent.health]\nhttp = \"\"\n[tasks.linkerd.health]\nhttp = \"\"\n"
+    )
 }
 
 /// Runs a future to completion from a synchronous test.

@@ -245,6 +245,35 @@ async fn a_dependent_that_asks_is_restarted_with_its_dependency() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_restart_on_request_takes_the_dependents_that_ask_with_it() {
+    let (fake, health) = fresh();
+    let mut specs = three();
+    specs[2].restart_with_dependencies = true; // linkerd
+    let mut r = supervise(fake, health, policy(), specs);
+    r.all_healthy().await;
+    let (linkerd, registrator) = (
+        r.task("linkerd").instance,
+        r.task("consul-registrator").instance,
+    );
+    r.control
+        .restart("consul-agent", "secret rotated")
+        .await
+        .unwrap();
+    r.until(Duration::from_secs(60), "linkerd replaced", |ts| {
+        ts.iter()
+            .any(|t| t.name == "linkerd" && t.state == State::Healthy && t.instance != linkerd)
+    })
+    .await;
+    r.all_healthy().await;
+    assert_eq!(r.fake.starts_of("linkerd").len(), 2, "linkerd went with it");
+    assert_eq!(
+        r.task("consul-registrator").instance,
+        registrator,
+        "registrator did not ask"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_held_task_stays_stopped_and_a_suspended_one_is_not_restarted() {
     let (fake, health) = fresh();
     let mut r = supervise(fake, health, policy(), three());
