@@ -26,9 +26,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// An engine address where nothing listens: ECS-runtime rows need no Docker engine.
-const NO_DOCKER: &str = "unix:///nonexistent/docker.sock";
-
 /// A `conf.d` fragment beside the world's configuration file (`ROOT/nodeagent.toml`).
 fn conf_d(world: &World, name: &str, text: &str) {
     let dir = world.root.path().join("conf.d");
@@ -38,7 +35,7 @@ fn conf_d(world: &World, name: &str, text: &str) {
 
 /// A long-running `nodeagent run` with the ECS runtime, its log in `ROOT/NAME.log`.
 fn ecs_agent(world: &World, config: &Path, name: &str) -> Agent {
-    Agent::start_with_docker(world, NO_DOCKER, config, name)
+    Agent::start_with_docker(world, crate::support::NO_DOCKER, config, name)
 }
 
 /// Waits for a healthy node whose three tasks run once each in moto; on a timeout, says what
@@ -494,7 +491,7 @@ fn r09_a_copy_that_already_runs_unlisted_is_adopted_without_a_start() {
     let ports = PlacementCheck::start(&world);
     let watch = Watch::ecs(&world);
     let t = Instant::now();
-    let agent = Agent::start_with(&world, NO_DOCKER, &config, "agent", |cmd| {
+    let agent = Agent::start_with(&world, crate::support::NO_DOCKER, &config, "agent", |cmd| {
         cmd.env("AWS_ENDPOINT_URL", &ports.url);
     });
     wait_three_healthy(&world, Duration::from_secs(30));
@@ -757,7 +754,7 @@ fn r16b_an_agent_killed_while_the_start_task_answer_is_in_flight_starts_no_secon
     );
     let ports = PlacementCheck::start(&world);
     let watch = Watch::ecs(&world);
-    let mut first = Agent::start_with(&world, NO_DOCKER, &config, "first", |cmd| {
+    let mut first = Agent::start_with(&world, crate::support::NO_DOCKER, &config, "first", |cmd| {
         cmd.env("AWS_ENDPOINT_URL", &ports.url);
     });
     let arn = kill_once_moto_has(&world, &mut first, "consul-registrator");
@@ -771,9 +768,15 @@ fn r16b_an_agent_killed_while_the_start_task_answer_is_in_flight_starts_no_secon
         !record.contains(&arn),
         "the answer never reached the first agent: {record}"
     );
-    let second = Agent::start_with(&world, NO_DOCKER, &config, "second", |cmd| {
-        cmd.env("AWS_ENDPOINT_URL", &ports.url);
-    });
+    let second = Agent::start_with(
+        &world,
+        crate::support::NO_DOCKER,
+        &config,
+        "second",
+        |cmd| {
+            cmd.env("AWS_ENDPOINT_URL", &ports.url);
+        },
+    );
     wait_for(Duration::from_secs(30), "a healthy node", || {
         healthy(world.root.path())
     });
@@ -934,7 +937,7 @@ fn r18_the_clock_stepped_an_hour_forward_and_back_changes_nothing() {
     );
     let offset = world.root.path().join("faketime");
     std::fs::write(&offset, "+0\n").unwrap();
-    let mut agent = Agent::start_with(&world, NO_DOCKER, &config, "agent", |cmd| {
+    let mut agent = Agent::start_with(&world, crate::support::NO_DOCKER, &config, "agent", |cmd| {
         cmd.env("LD_PRELOAD", lib)
             .env("FAKETIME_TIMESTAMP_FILE", &offset)
             .env("FAKETIME_NO_CACHE", "1")

@@ -74,7 +74,7 @@ const CONFIG: &str = "cluster = \"prod\"\n[ecs]\nintrospection_url = \"http://12
 #[test]
 fn prepare_image_removes_exactly_the_instance_identity() {
     let root = populated(CONFIG);
-    let out = prepare_image(root.path(), "unix:///nonexistent/docker.sock");
+    let out = prepare_image(root.path(), crate::support::NO_DOCKER);
     assert!(out.status.success(), "{}", transcript(&out));
     let left = files(root.path());
     let kept: BTreeSet<String> = KEPT.iter().map(|p| p.to_string()).collect();
@@ -100,7 +100,7 @@ fn prepare_image_removes_exactly_the_instance_identity() {
     );
 
     // Again: nothing left to remove.
-    let out = prepare_image(root.path(), "unix:///nonexistent/docker.sock");
+    let out = prepare_image(root.path(), crate::support::NO_DOCKER);
     assert!(out.status.success(), "{}", transcript(&out));
     assert!(String::from_utf8_lossy(&out.stdout).contains("(0 items)"));
 }
@@ -124,7 +124,7 @@ fn prepare_image_refuses_while_the_ecs_agent_or_containers_run() {
         "the agent fixture to come up",
         || std::net::TcpStream::connect(world.info.agent_url.trim_start_matches("http://")).is_ok(),
     );
-    let out = prepare_image(root.path(), "unix:///nonexistent/docker.sock");
+    let out = prepare_image(root.path(), crate::support::NO_DOCKER);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

@@ -59,7 +59,7 @@ async fn the_readiness_attribute_follows_the_tasks_health() {
         format!("[tasks.linkerd.health]\ntcp = \"127.0.0.1:{port}\"\ninterval = \"200ms\"\nunhealthy_threshold = 1\n"),
     )
     .unwrap();
-    let agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
+    let agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "agent");
     wait_for_async(Duration::from_secs(30), "the three tasks", async || {
         world.running_tasks().await.len() == 3
     })
@@ -265,7 +265,7 @@ async fn drained(agent: &Agent, what: &str) {
 #[tokio::test]
 async fn scale_in_drains_in_order_and_completes_the_lifecycle_action() {
     let (world, config) = drain_world();
-    let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
+    let mut agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "agent");
     ready_to_drain(&world).await;
     let tasks_before = world.running_tasks().await;
     let app = start_app_task(&world).await;
@@ -420,7 +420,7 @@ async fn a_scale_in_drain_resumed_by_a_new_agent_keeps_the_hook_alive() {
         .send()
         .await
         .unwrap();
-    let mut first = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "first");
+    let mut first = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "first");
     ready_to_drain(&world).await;
     let app = start_app_task(&world).await;
     set_imds(
@@ -435,7 +435,7 @@ async fn a_scale_in_drain_resumed_by_a_new_agent_keeps_the_hook_alive() {
     first.sigkill();
     let killed = timeline(&world).await.len();
 
-    let second = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "second");
+    let second = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "second");
     wait_for_async(
         Duration::from_secs(40),
         "a heartbeat from the agent that resumed the drain",
@@ -476,7 +476,7 @@ async fn a_scale_in_drain_resumed_by_a_new_agent_keeps_the_hook_alive() {
 #[tokio::test]
 async fn a_spot_interruption_drains_and_an_app_task_that_never_stops_only_costs_the_timeout() {
     let (world, config) = drain_world();
-    let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
+    let mut agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "agent");
     ready_to_drain(&world).await;
     let _app = start_app_task(&world).await; // never stops
 
@@ -522,7 +522,7 @@ async fn a_spot_interruption_drains_and_an_app_task_that_never_stops_only_costs_
 #[tokio::test]
 async fn drain_at_shutdown_then_sigterm_and_a_plain_restart_keeps_every_task() {
     let (world, config) = drain_world();
-    let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
+    let mut agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "agent");
     ready_to_drain(&world).await;
 
     // A plain restart (systemctl restart nodeagent): SIGTERM alone leaves every task running,
@@ -531,7 +531,7 @@ async fn drain_at_shutdown_then_sigterm_and_a_plain_restart_keeps_every_task() {
     assert_eq!(before.len(), 3);
     assert!(agent.sigterm().success());
     assert_eq!(world.running_tasks().await, before);
-    let mut agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "second");
+    let mut agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "second");
     ready_to_drain(&world).await;
     assert_eq!(
         world.running_tasks().await,

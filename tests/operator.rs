@@ -463,7 +463,7 @@ fn a_boot_waiting_on_the_ecs_agent_says_so_extends_and_stops_cleanly_on_sigterm(
     let config = world.config("");
     let notify = world.root.path().join("notify.sock");
     let listener = Listener::bind(&notify);
-    let mut agent = Agent::start_with(&world, "unix:///nonexistent", &config, "agent", |cmd| {
+    let mut agent = Agent::start_with(&world, crate::support::NO_DOCKER, &config, "agent", |cmd| {
         cmd.env("NOTIFY_SOCKET", &notify);
     });
     wait_for(Duration::from_secs(20), "the wait to show", || {

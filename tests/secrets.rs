@@ -209,7 +209,7 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
         &format!("[metrics]\nlisten = \"127.0.0.1:{metrics}\"\n"),
     );
     // Every level of nodeagent's own logs, and of every library's.
-    let agent = Agent::start_with(&world, "unix:///nonexistent", &config, "agent", |cmd| {
+    let agent = Agent::start_with(&world, crate::support::NO_DOCKER, &config, "agent", |cmd| {
         cmd.arg("-vv").env("RUST_LOG", "trace");
     });
     wait_for_async(Duration::from_secs(30), "a healthy node", async || {
@@ -339,7 +339,7 @@ async fn a_rotated_secret_restarts_only_its_task_once_and_no_value_ever_shows() 
 async fn a_rotation_that_cannot_be_rendered_is_tried_again_and_restarts_its_task_once() {
     let world = secrets_world().await;
     let config = secrets_config(&world, "2s", "");
-    let _agent = Agent::start_with_docker(&world, "unix:///nonexistent", &config, "agent");
+    let _agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "agent");
     wait_for_async(Duration::from_secs(30), "a healthy node", async || {
         status_json(&world, &config)["healthy"] == true
     })

@@ -356,7 +356,7 @@ fn the_status_socket_withstands_a_flood_and_hostile_requests() {
     let config = world.config("");
     let mut agent = Agent::spawn(
         &world,
-        "unix:///nonexistent/docker.sock",
+        crate::support::NO_DOCKER,
         &["run", "--config", config.to_str().unwrap()],
         "agent",
         |_| {},

@@ -71,14 +71,11 @@ async fn ecs_tasks(world: &World) -> Vec<(String, String)> {
         .collect()
 }
 
-/// An engine address where nothing listens: the ECS runtime then relies on its reconcile.
-const NO_DOCKER: &str = "unix:///nonexistent/docker.sock";
-
 #[tokio::test]
 async fn ecs_a_stopped_task_is_started_again_by_the_reconcile_and_adopted_after_a_restart() {
     let world = World::start(&[]);
     let config = world.config("[supervision]\nreconcile_interval = \"1s\"\n");
-    let mut agent = Agent::start_with_docker(&world, NO_DOCKER, &config, "first");
+    let mut agent = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "first");
     wait_for_async(Duration::from_secs(30), "three ECS tasks", async || {
         ecs_tasks(&world).await.len() == 3
     })
@@ -110,7 +107,7 @@ async fn ecs_a_stopped_task_is_started_again_by_the_reconcile_and_adopted_after_
     world
         .control("POST", "/stats/reset", serde_json::json!({}))
         .await;
-    let second = Agent::start_with_docker(&world, NO_DOCKER, &config, "second");
+    let second = Agent::start_with_docker(&world, crate::support::NO_DOCKER, &config, "second");
     wait_for_async(Duration::from_secs(20), "adoption", async || {
         second.log().matches("adopted running instance").count() == 3
     })

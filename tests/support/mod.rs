@@ -363,6 +363,10 @@ impl Drop for World {
     }
 }
 
+/// A Docker socket that is not there: an ECS node's agent with no engine to watch (task deaths
+/// are seen by the reconcile only), or a host with no engine.
+pub const NO_DOCKER: &str = "unix:///nonexistent/docker.sock";
+
 /// A node's configuration in the test world: its ECS agent fixture at `agent_url`, waited for
 /// `agent_timeout`; `extra` TOML. No Consul or linkerd answers in the test world: their default
 /// health checks are off.
