@@ -213,8 +213,9 @@ async fn restarts_within_the_window_make_a_crash_loop_that_ages_out() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_dependent_that_asks_is_restarted_with_its_dependency() {
+/// The three tasks healthy, linkerd asking to go with consul-agent; linkerd's and
+/// registrator's instances.
+async fn linkerd_restarts_with_its_dependency() -> (Running, Option<String>, Option<String>) {
     let (fake, health) = fresh();
     let mut specs = three();
     specs[2].restart_with_dependencies = true; // linkerd
@@ -224,6 +225,12 @@ async fn a_dependent_that_asks_is_restarted_with_its_dependency() {
         r.task("linkerd").instance,
         r.task("consul-registrator").instance,
     );
+    (r, linkerd, registrator)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dependent_that_asks_is_restarted_with_its_dependency() {
+    let (mut r, linkerd, registrator) = linkerd_restarts_with_its_dependency().await;
     r.health.set("consul-agent", false);
     r.fake.kill("consul-agent", 1);
     r.state("linkerd", State::Restarting).await;
@@ -246,15 +253,7 @@ async fn a_dependent_that_asks_is_restarted_with_its_dependency() {
 
 #[tokio::test(start_paused = true)]
 async fn a_restart_on_request_takes_the_dependents_that_ask_with_it() {
-    let (fake, health) = fresh();
-    let mut specs = three();
-    specs[2].restart_with_dependencies = true; // linkerd
-    let mut r = supervise(fake, health, policy(), specs);
-    r.all_healthy().await;
-    let (linkerd, registrator) = (
-        r.task("linkerd").instance,
-        r.task("consul-registrator").instance,
-    );
+    let (mut r, linkerd, registrator) = linkerd_restarts_with_its_dependency().await;
     r.control
         .restart("consul-agent", "secret rotated")
         .await
